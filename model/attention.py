@@ -1,0 +1,76 @@
+"""Grouped-query self-attention on PyTorch's fused scaled_dot_product_attention."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from model.config import ByteModelConfig
+from model.rope import apply_rotary_pos_emb
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), each kv head serving n_rep query heads."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+class ByteAttention(nn.Module):
+    """Causal GQA attention. The KV cache is any transformers `Cache` (DynamicCache, StaticCache, ...), so
+    `generate` drives it like any Hugging Face model."""
+
+    def __init__(self, config: ByteModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """`attention_mask` is None for plain causal attention, else a (batch, 1, q_len, kv_len) mask that already
+        contains causality and padding (bool: True = attend, or additive float)."""
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        if q_len == 1 and self.num_key_value_groups > 1:
+            # Decoding one token: fold the query heads of each kv group into the query axis, so every kv head is
+            # read once instead of being repeated (a padding mask is the same for every query row).
+            query = query.reshape(batch, self.num_key_value_heads, self.num_key_value_groups, self.head_dim)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                    scale=self.scaling)
+            output = output.reshape(batch, self.num_heads, 1, self.head_dim)
+        elif attention_mask is None:
+            # No mask lets SDPA use its fused causal kernel; enable_gqa avoids materialising repeated kv heads.
+            output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=q_len > 1,
+                                                    scale=self.scaling, enable_gqa=True)
+        else:
+            key = repeat_kv(key, self.num_key_value_groups)
+            value = repeat_kv(value, self.num_key_value_groups)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                    scale=self.scaling)
+        output = output.transpose(1, 2).reshape(batch, q_len, -1)
+        return self.o_proj(output)

@@ -1,0 +1,103 @@
+"""ByteModelConfig: the single source of truth for a StellarByte model's shape."""
+
+from transformers import PretrainedConfig
+
+ROPE_TYPES = ("default", "dynamic")
+
+
+class ByteModelConfig(PretrainedConfig):
+    """Llama-compatible configuration plus StellarByte's optional features.
+
+    Field names are Hugging Face's, so a dense config reads like a `LlamaConfig`. RoPE follows transformers 5:
+    `rope_parameters = {"rope_type": "default" | "dynamic", "rope_theta": ..., "factor": ...}`; the legacy
+    `rope_theta=` and `rope_scaling=` keyword arguments are still accepted and folded into it.
+    The seed project's names (`model_dim`, `num_layers`, ...) work as aliases through `attribute_map`.
+    """
+
+    model_type = "stellarbyte"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "model_dim": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "hidden_dim": "intermediate_size",
+        "num_heads": "num_attention_heads",
+        "num_kv_heads": "num_key_value_heads",
+        "max_seq_len": "max_position_embeddings",
+        "norm_eps": "rms_norm_eps",
+    }
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1024
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    # Features Llama lacks; all off by default so a dense model stays a valid Llama checkpoint.
+    parallel_residual: bool = False
+    layer_scale_init: float | None = None
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        # Aliases passed as keyword arguments must land before the derived sizes below are computed.
+        for alias, field_name in self.attribute_map.items():
+            if alias in kwargs:
+                setattr(self, field_name, kwargs.pop(alias))
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            # SwiGLU with ~8/3 expansion keeps the parameter count of a 4x GELU MLP; round up to 64 for fast matmuls.
+            self.intermediate_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    @property
+    def rope_theta(self) -> float:
+        return (self.rope_parameters or {}).get("rope_theta", self.default_theta)
+
+    def validate_architecture(self) -> None:
+        """Raise ValueError naming the first field whose value cannot build a model."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters.rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+        if rope.get("rope_theta", self.default_theta) <= 0:
+            raise ValueError(f"rope_parameters.rope_theta must be positive, got {rope.get('rope_theta')!r}")
+        if rope_type == "dynamic" and not (isinstance(rope.get("factor"), (int, float)) and rope["factor"] >= 1.0):
+            raise ValueError(f"rope_parameters.factor must be a number >= 1 for dynamic RoPE, got {rope.get('factor')!r}")

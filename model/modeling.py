@@ -1,0 +1,180 @@
+"""ByteModel: the decoder-only language model assembled from the components in this package."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from model.attention import ByteAttention
+from model.config import ByteModelConfig
+from model.decoder_layer import ByteDecoderLayer, ByteLayerScale
+from model.norm import ByteRMSNorm
+from model.rope import ByteDynamicRoPE
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
+                         kv_length: int) -> torch.Tensor | None:
+    """Combine causality and a 2D padding mask (1 = token, 0 = padding) into the (batch, 1, q, kv) bool mask SDPA
+    takes, or return None when plain causal attention is exact, which lets SDPA pick its fastest kernel.
+
+    A 4D mask (as `generate` prepares for a StaticCache) is passed through unchanged.
+    """
+    if attention_mask is not None and attention_mask.ndim == 4:
+        return attention_mask
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and kv_length == past_length + query_length and (past_length == 0 or query_length == 1):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    query_positions = torch.arange(past_length, past_length + query_length, device=device)[:, None]
+    key_positions = torch.arange(kv_length, device=device)[None, :]
+    mask = (key_positions <= query_positions)[None, None]
+    if has_padding:
+        if attention_mask.shape[-1] < past_length + query_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and input "
+                             f"hold {past_length + query_length}: pass the mask of the whole sequence")
+        # A StaticCache is longer than the sequence; its unwritten slots are excluded by causality already.
+        padding = F.pad(attention_mask.bool(), (0, max(0, kv_length - attention_mask.shape[-1])))[:, :kv_length]
+        mask = mask & padding[:, None, None, :]
+        # A query that is itself padding (left padding) would attend to nothing, and SDPA would return NaN for it.
+        mask = mask | (key_positions == query_positions)[None, None]
+    return mask
+
+
+class BytePreTrainedModel(PreTrainedModel):
+    config_class = ByteModelConfig
+    config: ByteModelConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ByteDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ByteAttention):
+            # GPT-2 / nanoGPT: the projections that write into the residual stream are scaled by 1/sqrt(2 * layers),
+            # so the stream's variance does not grow with depth at initialisation.
+            init.normal_(module.o_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ByteDecoderLayer):
+            init.normal_(module.mlp.down_proj.weight, mean=0.0,
+                         std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ByteLayerScale):
+            init.constant_(module.gamma, module.init_value)
+        elif isinstance(module, ByteDynamicRoPE):
+            # Non-persistent buffer: rebuilt here because from_pretrained creates modules on the meta device.
+            init.copy_(module.inv_freq, module.compute_inv_freq(device=module.inv_freq.device))
+
+
+class ByteBaseModel(BytePreTrainedModel):
+    """Embeddings, decoder layers and the final norm; returns hidden states (the `AutoModel` class)."""
+
+    def __init__(self, config: ByteModelConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        drop_paths = torch.linspace(0.0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList(
+            ByteDecoderLayer(config, layer_idx, drop_paths[layer_idx]) for layer_idx in range(config.num_hidden_layers)
+        )
+        self.norm = ByteRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ByteDynamicRoPE(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:
+            # A cache only helps generation: training would pay for storing every layer's keys and values.
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        query_length = inputs_embeds.shape[1]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_length = (past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None
+                     else query_length)
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # Left padding shifts where each row starts: count real tokens, as `generate` does.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = position_ids[:, past_length:past_length + query_length]
+            else:
+                position_ids = torch.arange(past_length, past_length + query_length,
+                                            device=inputs_embeds.device)[None]
+        mask = build_attention_mask(attention_mask, query_length, past_length, kv_length)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask,
+                                  past_key_values=past_key_values, use_cache=use_cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+class ByteModel(BytePreTrainedModel, GenerationMixin):
+    """Causal language model: `ByteBaseModel` plus the LM head. Parameter names are Llama's, so a dense checkpoint
+    loads as `LlamaForCausalLM` too."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ByteModelConfig):
+        super().__init__(config)
+        self.model = ByteBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` are aligned with `input_ids` and shifted here; -100 is ignored. `num_items_in_batch` (the count of
+        non-ignored labels over all accumulated micro-batches) turns the mean into a sum over that count, so
+        gradient accumulation weights every token equally. `logits_to_keep=n` computes logits of the last n only."""
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    @staticmethod
+    def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                       num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        # Shift the labels rather than the logits: the logits stay contiguous, so no (tokens x vocab) copy is made.
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100,
+                               reduction=reduction)
+        return loss if num_items_in_batch is None else loss / num_items_in_batch
