@@ -26,6 +26,9 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int,
     """
     if attention_mask is not None and attention_mask.ndim == 4:
         return attention_mask
+    if attention_mask is not None and attention_mask.shape[-1] < past_length + query_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and input "
+                         f"hold {past_length + query_length}: pass the mask of the whole sequence")
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not has_padding and kv_length == past_length + query_length and (past_length == 0 or query_length == 1):
         return None
@@ -34,9 +37,6 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int,
     key_positions = torch.arange(kv_length, device=device)[None, :]
     mask = (key_positions <= query_positions)[None, None]
     if has_padding:
-        if attention_mask.shape[-1] < past_length + query_length:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and input "
-                             f"hold {past_length + query_length}: pass the mask of the whole sequence")
         # A StaticCache is longer than the sequence; its unwritten slots are excluded by causality already.
         padding = F.pad(attention_mask.bool(), (0, max(0, kv_length - attention_mask.shape[-1])))[:, :kv_length]
         mask = mask & padding[:, None, None, :]
@@ -94,6 +94,7 @@ class ByteBaseModel(BytePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -110,6 +111,7 @@ class ByteBaseModel(BytePreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         kv_length = (past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None
                      else query_length)
+        mask = build_attention_mask(attention_mask, query_length, past_length, kv_length)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 # Left padding shifts where each row starts: count real tokens, as `generate` does.
@@ -118,15 +120,22 @@ class ByteBaseModel(BytePreTrainedModel):
             else:
                 position_ids = torch.arange(past_length, past_length + query_length,
                                             device=inputs_embeds.device)[None]
-        mask = build_attention_mask(attention_mask, query_length, past_length, kv_length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
+        all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask,
                                   past_key_values=past_key_values, use_cache=use_cache)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            # Like transformers: the last entry is the normed output.
+            all_hidden_states[-1] = hidden_states
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states,
+                                       past_key_values=past_key_values if use_cache else None,
+                                       hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
 
 
 class ByteModel(BytePreTrainedModel, GenerationMixin):
@@ -152,13 +161,15 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are aligned with `input_ids` and shifted here; -100 is ignored. `num_items_in_batch` (the count of
         non-ignored labels over all accumulated micro-batches) turns the mean into a sum over that count, so
         gradient accumulation weights every token equally. `logits_to_keep=n` computes logits of the last n only."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
@@ -167,7 +178,8 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
 
     @staticmethod
     def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,

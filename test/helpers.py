@@ -1,0 +1,80 @@
+"""Shared helpers for the model tests: tiny configs, the equivalent transformers LlamaConfig, weight utilities."""
+
+import torch
+from transformers import LlamaConfig
+
+from model import ByteModelConfig
+
+ATOL = 1e-5
+# Parameter gradients sum over every token, so they are O(10): compare them with a relative term as well.
+GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_config(**overrides) -> ByteModelConfig:
+    """A ByteModelConfig small enough for CPU tests (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads)."""
+    kwargs = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64)
+    kwargs.update(overrides)
+    return ByteModelConfig(**kwargs)
+
+
+def llama_config_from(config: ByteModelConfig, attn_implementation: str = "sdpa") -> LlamaConfig:
+    """A transformers LlamaConfig with exactly the same architecture fields as `config`."""
+    llama = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters),
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.attention_bias,
+        attention_dropout=config.attention_dropout,
+        mlp_bias=config.mlp_bias,
+        initializer_range=config.initializer_range,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    llama._attn_implementation = attn_implementation
+    return llama
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Give every parameter (norm weights and biases included) random values, so that comparisons exercise them.
+    Norm weights are drawn around 1; everything else around 0 with `std`."""
+    for name, param in module.named_parameters():
+        if name.endswith("norm.weight"):
+            param.copy_(1.0 + 0.2 * torch.randn_like(param))
+        else:
+            param.copy_(std * torch.randn_like(param))
+    return module
+
+
+def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> torch.nn.Module:
+    """Load src's weights into dst, failing on any missing or unexpected key."""
+    dst.load_state_dict(src.state_dict(), strict=True)
+    return dst
+
+
+def additive_mask(bool_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Turn a (batch, 1, q, kv) bool mask (True = attend) into the additive float mask eager attention expects."""
+    if bool_mask is None:
+        return None
+    return torch.zeros(bool_mask.shape, dtype=dtype).masked_fill(~bool_mask, torch.finfo(dtype).min)
+
+
+def causal_bool_mask(query_length: int, past_length: int = 0, batch: int = 1) -> torch.Tensor:
+    """Explicit (batch, 1, q, past + q) causal bool mask."""
+    q = torch.arange(past_length, past_length + query_length)[:, None]
+    k = torch.arange(past_length + query_length)[None, :]
+    return (k <= q)[None, None].expand(batch, 1, query_length, past_length + query_length)
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
