@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3, help="optimizer steps per round")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--output", default="model_info/bench_model.json")
     args = parser.parse_args()
 
