@@ -6,7 +6,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from helpers import ATOL, GRAD_TOL, additive_mask, causal_bool_mask, llama_config_from, randomize_, tiny_config
-from model import ByteAttention, ByteDynamicRoPE, build_attention_mask, repeat_kv
+from model import ByteAttention, build_attention_mask, repeat_kv
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 KV_HEADS = [pytest.param(2, id="gqa"), pytest.param(1, id="mqa"), pytest.param(4, id="mha")]

@@ -3,7 +3,6 @@ padding, tied embeddings, serialisation and Auto classes, gradient checkpointing
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache

@@ -1,0 +1,1 @@
+"""Shared code of the StellarByte scripts: configuration, data, training, logging and reports."""
