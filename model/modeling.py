@@ -160,13 +160,16 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        shift_labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """`labels` are aligned with `input_ids` and shifted here; -100 is ignored. `num_items_in_batch` (the count of
-        non-ignored labels over all accumulated micro-batches) turns the mean into a sum over that count, so
-        gradient accumulation weights every token equally. `logits_to_keep=n` computes logits of the last n only."""
+        """`labels` are aligned with `input_ids` and shifted here; -100 is ignored. `shift_labels` (transformers'
+        name) are targets already shifted, position t holding the token after t: packed pretraining windows use
+        them so that every input position is trained. `num_items_in_batch` (the count of non-ignored labels over
+        all accumulated micro-batches) turns the mean into a sum over that count, so gradient accumulation weights
+        every token equally. `logits_to_keep=n` computes logits of the last n only."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states)
@@ -176,16 +179,19 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
 
         loss = None
-        if labels is not None:
-            loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            loss = self.causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
 
     @staticmethod
-    def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                       num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-        # Shift the labels rather than the logits: the logits stay contiguous, so no (tokens x vocab) copy is made.
-        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None,
+                       num_items_in_batch: int | torch.Tensor | None = None,
+                       shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if shift_labels is None:
+            # Shift the labels rather than the logits: the logits stay contiguous, so no (tokens x vocab) copy.
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        shift_labels = shift_labels.to(logits.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100,
                                reduction=reduction)

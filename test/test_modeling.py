@@ -473,3 +473,19 @@ def test_output_hidden_states_match_llama(pair):
     assert len(ours) == len(theirs) == byte.config.num_hidden_layers + 1
     for mine, reference in zip(ours, theirs):
         torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
+
+
+def test_shift_labels_equal_shifted_labels(pair):
+    byte, llama = pair
+    ids = random_ids(2, 10, seed=41)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    ours = byte(ids, shift_labels=shifted).loss
+    torch.testing.assert_close(ours, byte(ids, labels=labels).loss, atol=0, rtol=0)
+    torch.testing.assert_close(ours, llama(ids, labels=labels).loss, atol=1e-5, rtol=0)
+    # Packed windows: the target of the last position is the next window's first token, which labels cannot express.
+    window = random_ids(1, 11, seed=42)
+    loss = byte(window[:, :-1], shift_labels=window[:, 1:]).loss
+    expected = torch.nn.functional.cross_entropy(byte(window[:, :-1]).logits[0], window[0, 1:])
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
