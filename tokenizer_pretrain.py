@@ -21,17 +21,19 @@ from utils.config import InputError, exit_on_input_error, parse_config
 from utils.data import document_texts, read_jsonl
 
 ROLES = ("system", "user", "assistant")
-# Every turn is `<|role|>\n{content}{eos}\n`; the generation prompt opens an assistant turn. The reply's end token
-# is eos, so generation stops there and SFT can train the reply plus exactly that token.
+# Every turn is `<|role|>{content}{eos}\n`; the generation prompt opens an assistant turn. The content follows the
+# role marker directly: a special token ends a BPE segment, so a reply is tokenized the same way whether or not it
+# follows the prompt (a "\n" there would merge with a reply's leading spaces). The reply's end token is eos, so
+# generation stops there and SFT trains the reply plus exactly that token.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
     "{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 ROUND_TRIP_SAMPLES = {
     "chinese": "今天天气很好，我们去公园散步吧。机器学习模型需要大量的数据。",

@@ -79,12 +79,12 @@ def test_chat_template(trained):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
                 {"role": "assistant", "content": "Hi!"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
-        "<|SBOS|><|system|>\nBe brief.<|SEOS|>\n<|user|>\n你好<|SEOS|>\n<|assistant|>\nHi!<|SEOS|>\n")
+        "<|SBOS|><|system|>Be brief.<|SEOS|>\n<|user|>你好<|SEOS|>\n<|assistant|>Hi!<|SEOS|>\n")
     prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|SBOS|><|system|>\nBe brief.<|SEOS|>\n<|user|>\n你好<|SEOS|>\n<|assistant|>\n"
+    assert prompt == "<|SBOS|><|system|>Be brief.<|SEOS|>\n<|user|>你好<|SEOS|>\n<|assistant|>"
     ids = tokenizer.apply_chat_template(messages[:2], add_generation_prompt=True)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
-    assert ids[-2:] == tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
     assert tokenizer.decode(ids) == prompt
 
 

@@ -1,27 +1,81 @@
-"""Reading the project's data files."""
+"""Data for pretraining and SFT: packed token windows (cached or streamed), chat-formatted conversations, and a
+sampler whose order depends only on (seed, epoch) and that resumes on exactly the next batch."""
 
+import hashlib
 import json
+import os
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
 from utils.config import InputError
 
+ROLES = ("system", "user", "assistant")
+CACHE_FORMAT = 1  # bump when the token cache layout changes, so old caches are rebuilt
+TOKENIZE_BATCH = 512  # documents per batch call: the fast tokenizer spreads a batch over all cores
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for every non-blank line; a malformed line raises InputError naming
-    the file and line."""
+
+@dataclass
+class DataIssues:
+    """Counts bad records per reason and keeps the first few file:line locations. In strict mode the first bad
+    record raises InputError instead."""
+
+    strict: bool = False
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+    first: str | None = None  # "file:line: detail" of the first bad record
+
+    def report(self, reason: str, location: str, detail: str) -> None:
+        if self.strict:
+            raise InputError(f"{location}: {detail} (set data.strict=false to skip such lines)")
+        self.first = self.first or f"{location}: {detail}"
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(location)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no bad records"
+        parts = [f"{reason} {count} (first: {', '.join(self.examples[reason])})"
+                 for reason, count in sorted(self.counts.items())]
+        return f"skipped {self.total} bad records: " + "; ".join(parts)
+
+
+MALFORMED = object()  # what read_jsonl(..., yield_malformed=True) yields for a line that is not JSON
+
+
+def read_jsonl(path: str | Path, issues: DataIssues | None = None,
+               yield_malformed: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for every non-blank line. A malformed line raises InputError naming the
+    file and line, or, given `issues`, is reported there and skipped (or yielded as MALFORMED, for callers that
+    number records)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
+                if issues is None:
+                    raise InputError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
+                issues.report("malformed_json", f"{path}:{line_number}", f"malformed JSON ({error.msg})")
+                if yield_malformed:
+                    yield line_number, MALFORMED
 
 
 def document_texts(record: Any) -> list[str]:
@@ -34,3 +88,371 @@ def document_texts(record: Any) -> list[str]:
         if isinstance(turns, list):
             return [turn["content"] for turn in turns if isinstance(turn, dict) and isinstance(turn.get("content"), str)]
     return []
+
+
+def iter_pretrain_documents(files: list[str], issues: DataIssues) -> Iterator[tuple[int, str]]:
+    """Yield (document index, text) over all files in order. The index counts every record, good or bad, so it
+    names the same document whatever is skipped, which streaming shards and resume positions rely on.
+    JSONL files hold `{"text": ...}` per line; any other file is plain text, one document per line."""
+    index = 0
+    for path in files:
+        if Path(path).suffix == ".jsonl":
+            records = read_jsonl(path, issues, yield_malformed=True)
+        else:
+            if not Path(path).is_file():
+                raise InputError(f"data file not found: {path}")
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                records = [(number, {"text": line.rstrip("\n")}) for number, line in enumerate(handle, 1)
+                           if line.strip()]
+        for line_number, record in records:
+            index += 1
+            if record is MALFORMED:
+                continue
+            if not isinstance(record, dict) or "text" not in record:
+                issues.report("missing_text", f"{path}:{line_number}", "no 'text' field")
+            elif not isinstance(record["text"], str):
+                issues.report("missing_text", f"{path}:{line_number}", "'text' is not a string")
+            elif not record["text"].strip():
+                issues.report("empty_text", f"{path}:{line_number}", "empty text")
+            else:
+                yield index - 1, record["text"]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenizer would produce different ids: its whole serialised form plus the EOS id."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+    digest.update(str(tokenizer.eos_token_id).encode())
+    return digest.hexdigest()[:16]
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text followed by EOS, so packed documents stay separated."""
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no eos token, which packing needs between documents")
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [ids + [tokenizer.eos_token_id] for ids in encoded]
+
+
+def _file_facts(files: list[str]) -> list[dict]:
+    facts = []
+    for path in files:
+        if not Path(path).is_file():
+            raise InputError(f"data file not found: {path}")
+        stat = os.stat(path)
+        facts.append({"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return facts
+
+
+def build_token_cache(files: list[str], tokenizer, cache_dir: str | Path, strict: bool = False,
+                      log=None) -> tuple[Path, dict]:
+    """Tokenize `files` once into a flat token file (uint16 when the vocabulary fits, else uint32) plus a metadata
+    JSON; reuse it while the sources (size, mtime) and the tokenizer are unchanged. Returns (token file, metadata).
+
+    Written to temporary names and renamed, metadata last: a cache is either complete or absent. In distributed
+    runs call it on one rank first, then on the others (which then only read)."""
+    if not files:
+        raise InputError("no data files given")
+    facts = _file_facts(files)
+    key_source = json.dumps({"format": CACHE_FORMAT, "files": facts, "tokenizer": tokenizer_fingerprint(tokenizer)},
+                            sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    tokens_path, meta_path = cache_dir / f"pretrain-{key}.bin", cache_dir / f"pretrain-{key}.json"
+    if meta_path.is_file() and tokens_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if tokens_path.stat().st_size == meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+            # The cache was built leniently; strict mode must still fail on the records it skipped.
+            issues = DataIssues(counts=Counter(meta["skipped"]), examples=meta["skipped_examples"])
+            if strict and issues.total:
+                raise InputError(f"{meta['first_issue']} (set data.strict=false to skip such lines)")
+            if log is not None and issues.total:
+                log(issues.summary())
+            return tokens_path, meta
+
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = tokens_path.with_name(f"{tokens_path.name}.tmp-{os.getpid()}")
+    issues = DataIssues(strict=strict)
+    num_tokens = num_documents = 0
+    try:
+        with open(temporary, "wb") as handle:
+            batch: list[str] = []
+            for _, text in iter_pretrain_documents(files, issues):
+                batch.append(text)
+                if len(batch) == TOKENIZE_BATCH:
+                    num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
+                    num_documents += len(batch)
+                    batch = []
+            if batch:
+                num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
+                num_documents += len(batch)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if num_documents == 0:
+            raise InputError(f"no usable documents in {', '.join(files)} ({issues.summary()})")
+        temporary.replace(tokens_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    meta = {"format": CACHE_FORMAT, "files": facts, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "num_documents": num_documents,
+            "skipped": dict(issues.counts), "skipped_examples": issues.examples, "first_issue": issues.first}
+    meta_temporary = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
+    meta_temporary.write_text(json.dumps(meta, indent=2))
+    meta_temporary.replace(meta_path)
+    if log is not None and issues.total:
+        log(issues.summary())
+    return tokens_path, meta
+
+
+def _write_tokens(handle, documents: list[list[int]], dtype) -> int:
+    flat = np.fromiter((token for ids in documents for token in ids), dtype=dtype)
+    flat.tofile(handle)
+    return flat.size
+
+
+class PretrainDataset(Dataset):
+    """Fixed windows of `seq_len + 1` tokens over the packed token stream, consecutive windows sharing one token,
+    so that every token is a target exactly once and no padding is ever trained on."""
+
+    def __init__(self, files: list[str], tokenizer, seq_len: int, cache_dir: str | Path = ".cache/data",
+                 strict: bool = False, log=None):
+        if seq_len < 1:
+            raise InputError(f"data.seq_len must be >= 1, got {seq_len}")
+        tokens_path, self.meta = build_token_cache(files, tokenizer, cache_dir, strict, log)
+        self.tokens = np.memmap(tokens_path, dtype=self.meta["dtype"], mode="r")
+        self.seq_len = seq_len
+        self.num_windows = (len(self.tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise InputError(f"{', '.join(files)}: {len(self.tokens)} tokens do not fill one window of "
+                             f"seq_len + 1 = {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = index * self.seq_len
+        window = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": window[:-1], "shift_labels": window[1:]}
+
+
+class ResumableSampler(Sampler[int]):
+    """Distributed sampler whose order depends only on (seed, epoch) and that can start mid-epoch.
+
+    Each epoch's permutation is cut to a multiple of `world_size`, and rank r takes positions r, r + world_size, ...
+    so ranks see disjoint shares of equal length. With `lengths`, the permutation is cut into mega-batches that are
+    sorted by length, so a batch holds samples of similar length and pads little (still random across batches).
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 lengths: list[int] | None = None, group_size: int | None = None):
+        if num_samples < world_size:
+            raise InputError(f"{num_samples} samples cannot be shared by {world_size} ranks")
+        self.total = num_samples
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.lengths = lengths
+        self.group_size = group_size
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = num_samples // world_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping the first `start` samples of this rank's share."""
+        self.epoch, self.start = epoch, start
+
+    def epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.total, generator=generator).tolist()
+        else:
+            order = list(range(self.total))
+        if self.lengths is not None and self.group_size:
+            groups = [order[i:i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = [index for group in groups for index in sorted(group, key=lambda i: -self.lengths[i])]
+        order = order[:self.per_rank * self.world_size]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def state_dict(self, consumed: int) -> dict[str, int]:
+        """The position after `consumed` samples of the current epoch (on this rank)."""
+        return {"epoch": self.epoch, "consumed": self.start + consumed, "num_samples": self.total,
+                "world_size": self.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("num_samples", "world_size", "seed"):
+            if state[key] != getattr(self, "total" if key == "num_samples" else key):
+                raise InputError(f"the saved data position was made with {key}={state[key]}, this run has "
+                                 f"{getattr(self, 'total' if key == 'num_samples' else key)}")
+        self.set_epoch(state["epoch"], state["consumed"])
+
+
+class StreamingPretrainDataset(IterableDataset):
+    """Packed windows read lazily from files too big to pre-tokenize.
+
+    Documents are dealt round-robin to `world_size x num_workers` shards (one per rank and DataLoader worker), so
+    no document is read twice. Every sample carries its shard and the (document, token offset) where the shard's
+    next window starts; passing the last of these per shard as `positions` resumes each shard there.
+    """
+
+    def __init__(self, files: list[str], tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,
+                 strict: bool = False, positions: dict[int, tuple[int, int]] | None = None):
+        for path in files:
+            if not Path(path).is_file():
+                raise InputError(f"data file not found: {path}")
+        self.files, self.tokenizer, self.seq_len = list(files), tokenizer, seq_len
+        self.rank, self.world_size, self.strict = rank, world_size, strict
+        self.positions = dict(positions or {})
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        shard = self.rank * num_workers + worker_id
+        num_shards = self.world_size * num_workers
+        start_document, start_offset = self.positions.get(shard, (0, 0))
+        window = self.seq_len + 1
+        tokens: list[int] = []
+        # (document index, offset of the segment's first token in that document, segment length) per buffered part
+        segments: list[list[int]] = []
+        documents = ((index, text) for index, text in iter_pretrain_documents(self.files, DataIssues(self.strict))
+                     if index % num_shards == shard and index >= start_document)
+        for batch in _batched(documents, TOKENIZE_BATCH // num_shards or 1):
+            for (index, _), ids in zip(batch, encode_documents(self.tokenizer, [text for _, text in batch])):
+                offset = start_offset if index == start_document else 0
+                segments.append([index, offset, len(ids) - offset])
+                tokens.extend(ids[offset:])
+                while len(tokens) >= window:
+                    sample = torch.tensor(tokens[:window], dtype=torch.long)
+                    del tokens[:self.seq_len]
+                    _advance(segments, self.seq_len)
+                    yield {"input_ids": sample[:-1], "shift_labels": sample[1:], "shard": shard,
+                           "document": segments[0][0], "offset": segments[0][1]}
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _advance(segments: list[list[int]], count: int) -> None:
+    """Drop `count` tokens from the front of the buffered segments."""
+    while count:
+        document, offset, length = segments[0]
+        if length <= count:
+            segments.pop(0)
+            count -= length
+        else:
+            segments[0] = [document, offset + count, length - count]
+            count = 0
+
+
+def encode_conversation(tokenizer, turns: list[dict], max_seq_len: int) -> tuple[list[int], list[int]] | None:
+    """Render `turns` with the tokenizer's chat template; labels are -100 except on assistant replies and their end
+    token. Too long: whole trailing turns are dropped first; if even the first reply does not fit, it is cut.
+    Returns None when no labelled token is left."""
+    full = tokenizer.apply_chat_template(turns, tokenize=True)["input_ids"]
+    labels = [-100] * len(full)
+    ends = []  # where each assistant turn ends, for truncation at turn boundaries
+    for index, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(turns[:index], tokenize=True, add_generation_prompt=True)["input_ids"])
+        end = len(tokenizer.apply_chat_template(turns[:index + 1], tokenize=True)["input_ids"])
+        reply = full[start:end]
+        # Train up to and including the end token; the template's separator after it stays unlabelled.
+        eos_positions = [i for i, token in enumerate(reply) if token == tokenizer.eos_token_id]
+        stop = start + (eos_positions[-1] + 1 if eos_positions else len(reply))
+        labels[start:stop] = full[start:stop]
+        ends.append(end)
+    if len(full) > max_seq_len:
+        fitting = [end for end in ends if end <= max_seq_len]
+        cut = fitting[-1] if fitting else max_seq_len
+        full, labels = full[:cut], labels[:cut]
+    if all(label == -100 for label in labels):
+        return None
+    return full, labels
+
+
+def conversation_turns(record: Any) -> tuple[list[dict] | None, str, str]:
+    """Validate an SFT record; return (turns, "", "") or (None, reason, detail)."""
+    if not isinstance(record, dict):
+        return None, "missing_field", "record is not an object"
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        return None, "missing_field", "no 'conversations' or 'messages' list"
+    for turn in turns:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            return None, "missing_field", "a turn lacks 'role' or 'content'"
+        if turn["role"] not in ROLES:
+            return None, "bad_role", f"role {turn['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            return None, "empty_text", f"empty {turn['role']} turn"
+    if not any(turn["role"] == "assistant" for turn in turns):
+        return None, "no_assistant", "no assistant turn to learn from"
+    first = next(turn["role"] for turn in turns if turn["role"] != "system")
+    if first != "user":
+        return None, "bad_order", "the conversation must open with a user turn (after an optional system turn)"
+    return [{"role": turn["role"], "content": turn["content"]} for turn in turns], "", ""
+
+
+class SFTDataset(Dataset):
+    """Multi-turn conversations (`{"conversations"|"messages": [{"role", "content"}, ...]}` per JSONL line),
+    rendered with the tokenizer's own chat template, with loss only on the assistant replies."""
+
+    def __init__(self, files: list[str], tokenizer, max_seq_len: int, strict: bool = False, log=None):
+        if tokenizer.chat_template is None:
+            raise InputError("the tokenizer has no chat template")
+        self.issues = DataIssues(strict=strict)
+        self.samples: list[tuple[list[int], list[int]]] = []
+        for path in files:
+            for line_number, record in read_jsonl(path, self.issues):
+                location = f"{path}:{line_number}"
+                turns, reason, detail = conversation_turns(record)
+                if turns is None:
+                    self.issues.report(reason, location, detail)
+                    continue
+                encoded = encode_conversation(tokenizer, turns, max_seq_len)
+                if encoded is None:
+                    self.issues.report("too_long", location, f"no assistant token fits in max_seq_len={max_seq_len}")
+                    continue
+                self.samples.append(encoded)
+        if not self.samples:
+            raise InputError(f"no usable conversations in {', '.join(files)} ({self.issues.summary()})")
+        if log is not None and self.issues.total:
+            log(self.issues.summary())
+        self.lengths = [len(ids) for ids, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.samples[index]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+class PadCollator:
+    """Pad a batch to its longest sample (right padding): pad id for inputs, -100 for labels, 0 in the mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            length = len(sample["input_ids"])
+            input_ids[row, :length] = sample["input_ids"]
+            labels[row, :length] = sample["labels"]
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
