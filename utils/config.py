@@ -11,6 +11,7 @@ import functools
 import sys
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -143,11 +144,11 @@ def save_config(config: Any, path: str | Path) -> None:
 def _describe_keys(schema: type) -> str:
     lines = ["configuration keys (override any with --section.key VALUE; values are YAML scalars):"]
     for section_name, section_type in _field_types(schema).items():
-        for field in dataclasses.fields(section_type):
-            default = field.default if field.default is not dataclasses.MISSING else (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else "required")
-            annotation = _field_types(section_type)[field.name]
-            lines.append(f"  --{section_name}.{field.name} ({_type_name(annotation)}, default: {default!r})")
+        for entry in dataclasses.fields(section_type):
+            default = entry.default if entry.default is not dataclasses.MISSING else (
+                entry.default_factory() if entry.default_factory is not dataclasses.MISSING else "required")
+            annotation = _field_types(section_type)[entry.name]
+            lines.append(f"  --{section_name}.{entry.name} ({_type_name(annotation)}, default: {default!r})")
     return "\n".join(lines)
 
 
@@ -200,3 +201,98 @@ def parse_config(schema: type, default_config: str | None, description: str, arg
         section[field_name] = value
         index += 1
     return build_config(schema, values), arguments
+
+
+# ---------------------------------------------------------------- the training scripts' configuration
+
+@dataclass
+class ModelSection:
+    """ByteModelConfig fields (vocab size and special token ids come from the tokenizer)."""
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 1024
+    rope_parameters: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_dropout: float = 0.0
+    parallel_residual: bool = False
+    layer_scale_init: float | None = None
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+    init_from: str | None = None  # a model folder to start from instead of random weights
+
+
+@dataclass
+class DataSection:
+    train_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_train.jsonl"])
+    val_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_val.jsonl"])
+    tokenizer: str = "tokenizer"
+    seq_len: int = 256
+    cache_dir: str = ".cache/data"
+    strict: bool = False
+    streaming: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = "out/pretrain"
+    max_steps: int | None = 400
+    epochs: int = 1  # used when max_steps is null
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seed: int = 42
+    precision: str = "auto"
+    strategy: str = "ddp"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    max_bad_steps: int = 5
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 100
+    keep_last: int = 3
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 50
+    max_batches: int = 20
+    patience: int = 0  # evaluations without improvement before stopping; 0 never stops early
+    min_delta: float = 0.0
+
+
+@dataclass
+class LoggingSection:
+    every_steps: int = 10
+    swanlab_mode: str = "offline"
+    project: str = "stellarbyte"
+    sample_prompt: str = "The"
+    sample_tokens: int = 48
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)

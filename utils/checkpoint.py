@@ -1,0 +1,190 @@
+"""Checkpoints: one manager owns every file under `out_dir/checkpoints/`.
+
+Layout: `step_<N>/` (Hugging Face model folder + optimizer.pt + rng_state.pt + trainer_state.json + config.yaml),
+`best/` (model folder of the best validation loss), and `latest` (a file naming the newest complete step folder).
+A checkpoint is written into a hidden temporary folder, fsynced, then renamed, so a crash leaves either the whole
+checkpoint or none of it; the last `keep_last` step folders are kept.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from utils.config import InputError
+from utils.distributed import DistributedContext, barrier, unwrap_model
+from utils.logger import get_logger
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+class CheckpointManager:
+    def __init__(self, out_dir: str | Path, keep_last: int, context: DistributedContext):
+        if keep_last < 1:
+            raise InputError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.context = context
+
+    def step_folders(self) -> list[Path]:
+        """Complete step folders, newest first."""
+        if not self.root.is_dir():
+            return []
+        folders = [path for path in self.root.glob("step_*") if path.is_dir() and path.name[5:].isdigit()]
+        return sorted(folders, key=lambda path: int(path.name[5:]), reverse=True)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            folder = self.root / pointer.read_text().strip()
+            if folder.is_dir():
+                return folder
+        folders = self.step_folders()
+        return folders[0] if folders else None
+
+    def _publish(self, temporary: Path, final: Path) -> None:
+        _fsync_tree(temporary)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            temporary.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            temporary.rename(final)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             config: dict) -> Path:
+        """Collective: every rank calls it. Full (unsharded) states are gathered to CPU and written by rank 0."""
+        model_state = get_model_state_dict(model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+        rng_states = [None] * self.context.world_size
+        if self.context.is_distributed:
+            dist.all_gather_object(rng_states, rng_state())
+        else:
+            rng_states = [rng_state()]
+        final = self.root / f"step_{step}"
+        if self.context.is_main:
+            temporary = self.root / f".tmp-step_{step}"
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            unwrap_model(model).save_pretrained(temporary, state_dict=model_state)
+            torch.save(optimizer_state, temporary / "optimizer.pt")
+            torch.save(rng_states, temporary / "rng_state.pt")
+            (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            (temporary / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+            self._publish(temporary, final)
+            _write_atomically(self.root / "latest", final.name + "\n")
+            for old in self.step_folders()[self.keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.context)
+        return final
+
+    def save_best(self, model: nn.Module, metrics: dict) -> Path:
+        """Collective. Replaces `best/` with the current model (and the metrics that made it best)."""
+        model_state = get_model_state_dict(model, options=FULL_STATE)
+        final = self.root / "best"
+        if self.context.is_main:
+            temporary = self.root / ".tmp-best"
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            unwrap_model(model).save_pretrained(temporary, state_dict=model_state)
+            (temporary / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
+            self._publish(temporary, final)
+        barrier(self.context)
+        return final
+
+    def candidates(self, resume: str) -> list[Path]:
+        if resume == "auto":
+            latest = self.latest()
+            rest = [folder for folder in self.step_folders() if folder != latest]
+            return ([latest] if latest else []) + rest
+        path = Path(resume)
+        if not path.is_dir():
+            raise InputError(f"checkpoint not found: {path}")
+        return [path]
+
+    def load(self, resume: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+             check_compatible) -> tuple[Path, dict] | None:
+        """Restore model, optimizer and this rank's RNG from the first usable candidate and return (folder,
+        trainer state). `check_compatible(saved_config)` returns a reason string when the checkpoint cannot
+        continue this run. A damaged or incompatible checkpoint is reported and the previous one tried; with
+        `--resume auto` and no checkpoint at all, None (start fresh)."""
+        log = get_logger()
+        candidates = self.candidates(resume)
+        if not candidates:
+            log.info("no checkpoint to resume from: starting a new run")
+            return None
+        for folder in candidates:
+            try:
+                saved_config = yaml.safe_load((folder / "config.yaml").read_text())
+                reason = check_compatible(saved_config)
+                if reason:
+                    raise InputError(f"incompatible config: {reason}")
+                trainer_state = json.loads((folder / "trainer_state.json").read_text())
+                model_state = load_file(folder / "model.safetensors")
+                if "lm_head.weight" not in model_state and unwrap_model(model).config.tie_word_embeddings:
+                    model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+                optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+                rng_states = torch.load(folder / "rng_state.pt", weights_only=False)
+                if len(rng_states) != self.context.world_size:
+                    raise InputError(f"saved by {len(rng_states)} processes, this run has {self.context.world_size}")
+                set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(model, optimizer, optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True))
+                set_rng_state(rng_states[self.context.rank])
+            except Exception as error:  # a damaged file can fail in many ways; each means "not usable"
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                log.warning(f"checkpoint {folder} refused: {message}")
+                continue
+            log.info(f"resumed from {folder} (step {trainer_state['step']})")
+            return folder, trainer_state
+        raise InputError(f"no usable checkpoint among {', '.join(str(c) for c in candidates)} (see warnings above)")

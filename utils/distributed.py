@@ -1,0 +1,95 @@
+"""torchrun set-up and teardown, and wrapping a model for data parallelism (DDP or FSDP2) from outside it."""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*),
+    or run as a single process when there is none. nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=torch_device if use_cuda else None)
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    if context.is_distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_rank(flag: bool, context: DistributedContext) -> bool:
+    """True on every rank if it is true on any rank (so all ranks take the same branch)."""
+    if not context.is_distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def wrap_model(model: nn.Module, strategy: str, context: DistributedContext,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP keeps a full replica per rank and all-reduces gradients; FSDP2 shards parameters, gradients and
+    optimizer state per decoder layer. A single process gets the model back unchanged."""
+    if not context.is_distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [context.local_rank] if context.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def teardown(context: DistributedContext) -> None:
+    """Barrier, then destroy the process group (callers drop model and optimizer references first)."""
+    if context.is_distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,502 @@
+"""The one training engine, shared by pretraining and SFT.
+
+`Trainer(config, task).fit(resume)` reads like the recipe it runs: distributed set-up, tokenizer, data, model,
+optimizer and schedule, an optional resume, then the loop (accumulate, clip, step, log, evaluate, checkpoint) and
+the final model. Scripts only choose the task's datasets; everything else is here once.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as transformers_logging
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from model import ByteModel, ByteModelConfig
+from utils.checkpoint import CheckpointManager
+from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
+from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, teardown,
+                               unwrap_model, wrap_model)
+from utils.logger import get_logger, setup_logger
+from utils.metrics import perplexity
+from utils.progressbar import ProgressBar
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online", "disabled": "disabled"}
+# Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
+RESUME_KEYS = {"model": None, "data": ("train_files", "seq_len", "tokenizer"),
+               "train": ("micro_batch_size", "grad_accum_steps", "seed")}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """`auto` picks bf16 only where the hardware runs it natively (CUDA with bf16, or a CPU with AVX-512 BF16):
+    elsewhere bf16 is emulated and far slower than fp32. fp16 on a CPU is never worth it."""
+    if name not in PRECISIONS:
+        raise InputError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise InputError("train.precision=fp16 is very slow on a CPU; use bf16 (native on AVX-512 BF16) or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def model_config_from(section: ModelSection, tokenizer) -> ByteModelConfig:
+    """The config's model section plus what the tokenizer decides: vocabulary size and special token ids."""
+    fields = {key: value for key, value in dataclasses.asdict(section).items()
+              if key != "init_from" and (value is not None or key == "intermediate_size")}
+    try:
+        return ByteModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields)
+    except ValueError as error:
+        raise InputError(f"model: {error}") from None
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and embeddings are left alone (nanoGPT, Llama)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 and "embed_tokens" not in name else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.optim.weight_decay)
+    options = dict(lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2))
+    try:
+        # One fused kernel per step instead of a dozen elementwise ops per parameter group.
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **options)
+
+
+def training_flops_per_token(config: ByteModelConfig, num_parameters: int, seq_len: int) -> float:
+    """PaLM appendix B: 6 FLOPs per parameter and token (forward + backward) for the matrix multiplies, embedding
+    lookup excluded, plus 12 * layers * hidden * seq_len for attention scores and values."""
+    matmul_parameters = num_parameters - config.vocab_size * config.hidden_size * (0 if config.tie_word_embeddings
+                                                                                   else 1)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_parameters + attention
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """Matrix-multiply FLOP/s this device reaches right now: the honest denominator of MFU on a machine whose
+    datasheet peak is unknown (a laptop CPU) or shared."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that contribute to the loss, matching the model's shift of `labels`."""
+    if "shift_labels" in batch:
+        return int((batch["shift_labels"] != -100).sum())
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (then a checkpoint is saved); a second SIGINT
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signal_number] = signal.signal(signal_number, self.handle)
+        return self
+
+    def handle(self, signal_number, frame) -> None:
+        if self.requested and signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        get_logger().warning(f"received {signal.Signals(signal_number).name}: saving a checkpoint after this step")
+
+    def __exit__(self, *exc) -> None:
+        for signal_number, handler in self.previous.items():
+            signal.signal(signal_number, handler)
+
+
+class MetricsWriter:
+    """metrics.jsonl on rank 0 (truncated to the resumed step, so a resumed run's file reads like an uninterrupted
+    one) and swanlab with the configured mode."""
+
+    def __init__(self, out_dir: Path, enabled: bool, swanlab_mode: str, project: str, config: dict,
+                 resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.run = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(row + "\n" for row in rows))
+        elif resume_step is None:
+            self.path.write_text("")
+        if swanlab_mode != "disabled":
+            import swanlab  # imported lazily: it is slow to import and optional at run time
+
+            self.run = swanlab.init(project=project, name=out_dir.name, config=config,
+                                    mode=SWANLAB_MODES[swanlab_mode], log_dir=str(out_dir / "swanlog"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            step = row["step"]
+            self.run.log({key: value for key, value in row.items() if key != "step" and value is not None},
+                         step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class Trainer:
+    """`make_datasets(tokenizer, config, context, log)` returns (train dataset, validation dataset or None,
+    collate function or None); batches are dicts of model inputs with `labels` or `shift_labels`."""
+
+    def __init__(self, config: TrainingConfig, make_datasets: Callable[..., tuple[Dataset, Dataset | None, Any]]):
+        self.config = config
+        self.make_datasets = make_datasets
+        self.check_config()
+
+    def check_config(self) -> None:
+        config = self.config
+        if config.train.strategy not in STRATEGIES:
+            raise InputError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {config.train.strategy!r}")
+        if config.logging.swanlab_mode not in SWANLAB_MODES:
+            raise InputError(f"logging.swanlab_mode must be one of {', '.join(SWANLAB_MODES)}, "
+                             f"got {config.logging.swanlab_mode!r}")
+        for key in ("train.micro_batch_size", "train.grad_accum_steps", "checkpoint.every_steps",
+                    "eval.every_steps", "logging.every_steps", "train.max_bad_steps", "train.epochs"):
+            section, name = key.split(".")
+            if getattr(getattr(config, section), name) < 1:
+                raise InputError(f"{key} must be >= 1, got {getattr(getattr(config, section), name)}")
+        if config.train.max_steps is not None and config.train.max_steps < 1:
+            raise InputError(f"train.max_steps must be >= 1 or null, got {config.train.max_steps}")
+        if not 0 <= config.optim.min_lr <= config.optim.lr:
+            raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
+
+    # ------------------------------------------------------------------ set-up
+
+    def build_model(self, tokenizer) -> nn.Module:
+        section = self.config.model
+        if section.init_from:
+            if not Path(section.init_from).is_dir():
+                raise InputError(f"model.init_from: folder not found: {section.init_from}")
+            return AutoModelForCausalLM.from_pretrained(section.init_from, dtype=torch.float32)
+        model_config = model_config_from(section, tokenizer)
+        if self.config.data.seq_len > model_config.max_position_embeddings:
+            raise InputError(f"data.seq_len={self.config.data.seq_len} exceeds "
+                             f"model.max_position_embeddings={model_config.max_position_embeddings}")
+        return ByteModel(model_config)
+
+    def check_resumable(self, saved: dict) -> str | None:
+        current = config_to_dict(self.config)
+        for section, keys in RESUME_KEYS.items():
+            for key in keys or current[section]:
+                if saved.get(section, {}).get(key) != current[section][key]:
+                    return (f"{section}.{key} was {saved.get(section, {}).get(key)!r}, "
+                            f"this run has {current[section][key]!r}")
+        return None
+
+    def loader(self, dataset: Dataset, sampler, collate) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.config.train.micro_batch_size, sampler=sampler,
+                          collate_fn=collate, num_workers=self.config.data.num_workers, drop_last=True,
+                          pin_memory=self.context.device.type == "cuda")
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless stream of micro-batches over epochs; `self.epoch`/`self.consumed` always name the position
+        right after the last batch handed out, which is what a checkpoint records."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.consumed)
+            for batch in self.loader(self.train_dataset, self.sampler, self.collate):
+                self.consumed += self.config.train.micro_batch_size
+                yield {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, resume: str | None = None) -> dict:
+        """Train; return a summary (final step, losses, why it stopped). Raises InputError for bad input."""
+        from utils.data import ResumableSampler  # here to keep the import graph of utils.data light
+
+        config = self.config
+        self.context = context = init_distributed(config.train.device)
+        out_dir = Path(config.train.out_dir)
+        log = setup_logger(out_dir / "train.log", context.rank)
+        transformers_logging.disable_progress_bar()  # per-file save/load bars would drown the training log
+        try:
+            torch.manual_seed(config.train.seed)
+            dtype = resolve_precision(config.train.precision, context.device)
+            checkpoints = CheckpointManager(out_dir, config.checkpoint.keep_last, context)
+            if resume is None and checkpoints.step_folders():
+                raise InputError(f"{checkpoints.root} already holds checkpoints: pass --resume auto to continue, "
+                                 f"or choose another train.out_dir")
+            if not Path(config.data.tokenizer).is_dir():
+                raise InputError(f"data.tokenizer: folder not found: {config.data.tokenizer}")
+            tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
+
+            # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
+            if context.is_main:
+                datasets = self.make_datasets(tokenizer, config, log.info)
+            barrier(context)
+            if not context.is_main:
+                datasets = self.make_datasets(tokenizer, config, log.info)
+            self.train_dataset, val_dataset, self.collate = datasets
+
+            model = self.build_model(tokenizer).to(context.device)
+            num_parameters = sum(parameter.numel() for parameter in model.parameters())
+            if config.train.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            self.sampler = ResumableSampler(len(self.train_dataset), context.rank, context.world_size,
+                                            config.train.seed, lengths=getattr(self.train_dataset, "lengths", None),
+                                            group_size=64 * config.train.micro_batch_size * context.world_size)
+            steps_per_epoch = len(self.sampler) // (config.train.micro_batch_size * config.train.grad_accum_steps)
+            if steps_per_epoch < 1:
+                raise InputError(f"the training data ({len(self.train_dataset)} samples) does not fill one step of "
+                                 f"{config.train.micro_batch_size * config.train.grad_accum_steps} per rank")
+            total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+            wrapped = wrap_model(model, config.train.strategy, context,
+                                 param_dtype=dtype if dtype != torch.float32 else None)
+            optimizer = build_optimizer(wrapped, config, context.device)
+            scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer, min(config.optim.warmup_steps, total_steps), total_steps, min_lr=config.optim.min_lr)
+            forward_model = torch.compile(wrapped) if config.train.compile else wrapped
+
+            self.epoch = self.consumed = 0
+            state = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "evals_without_improvement": 0,
+                     "bad_steps": 0}
+            if resume is not None:
+                loaded = checkpoints.load(resume, wrapped, optimizer, self.check_resumable)
+                if loaded is not None:
+                    state = loaded[1]
+                    scheduler.load_state_dict(state.pop("scheduler"))
+                    self.sampler.load_state_dict(state.pop("sampler"))
+                    self.epoch, self.consumed = self.sampler.epoch, self.sampler.start
+            if context.is_main:
+                save_config(config, out_dir / "config.yaml")
+            metrics = MetricsWriter(out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
+                                    config_to_dict(config), state["step"] if resume is not None else None)
+            flops_per_token = training_flops_per_token(unwrap_model(model).config, num_parameters,
+                                                       config.data.seq_len)
+            peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
+            log.info(f"model: {num_parameters / 1e6:.2f}M parameters; {len(self.train_dataset)} training samples, "
+                     f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
+                     f"{context.world_size} process(es), {config.train.strategy}; device {context.device}")
+            with GracefulStop() as stop:
+                summary = self.loop(forward_model, wrapped, optimizer, scheduler, checkpoints, metrics, stop, state,
+                                    total_steps, dtype, val_dataset, flops_per_token, peak_flops)
+            metrics.close()
+            if summary["reason"] in ("finished", "early stopping"):
+                self.save_final(wrapped, tokenizer, checkpoints, out_dir)
+            del forward_model, wrapped, model, optimizer
+            return summary
+        except torch.OutOfMemoryError:
+            raise InputError("out of memory: lower train.micro_batch_size (raise train.grad_accum_steps to keep the "
+                             "batch), lower data.seq_len, set train.gradient_checkpointing=true, or use "
+                             "train.precision=bf16 or train.strategy=fsdp") from None
+        finally:
+            teardown(context)
+
+    def loop(self, forward_model, model, optimizer, scheduler, checkpoints, metrics, stop, state, total_steps,
+             dtype, val_dataset, flops_per_token, peak_flops) -> dict:
+        config, context, log = self.config, self.context, get_logger()
+        autocast = (torch.autocast(context.device.type, dtype=dtype) if dtype != torch.float32
+                    else contextlib.nullcontext())
+        scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+        batches = self.batches()
+        accumulation = config.train.grad_accum_steps
+        bad_in_row, reason = 0, "finished"
+        start_time, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+        losses: list[float] = []
+        last_eval = None
+
+        def trainer_state() -> dict:
+            position = {**self.sampler.state_dict(0), "epoch": self.epoch, "consumed": self.consumed}
+            return {**state, "scheduler": scheduler.state_dict(), "sampler": position}
+
+        def save() -> None:
+            checkpoints.save(state["step"], model, optimizer, trainer_state(), config_to_dict(config))
+
+        with ProgressBar(total_steps, enabled=context.is_main, start=state["step"]) as progress:
+            while state["step"] < total_steps:
+                if any_rank(stop.requested, context):
+                    reason = "stopped by signal"
+                    save()
+                    break
+                micro_batches = [next(batches) for _ in range(accumulation)]
+                # Normalise by the targets of the whole step on all ranks, so every token weighs the same however
+                # they fall into micro-batches and ranks (DDP/FSDP average gradients over ranks, hence * world).
+                targets = all_reduce_sum(torch.tensor([float(sum(map(count_targets, micro_batches)))]), context)
+                num_items = targets.item() / context.world_size
+                step_loss = torch.zeros((), device=context.device)
+                model.train()
+                for index, batch in enumerate(micro_batches):
+                    with self.gradient_sync(model, index == accumulation - 1), autocast:
+                        loss = forward_model(**batch, num_items_in_batch=num_items).loss
+                    scaler.scale(loss).backward()
+                    step_loss += loss.detach()
+                step_loss = all_reduce_sum(step_loss.float(), context) / context.world_size
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                finite = math.isfinite(step_loss.item()) and math.isfinite(grad_norm)
+                if finite:
+                    scaler.step(optimizer)
+                    bad_in_row = 0
+                else:
+                    state["bad_steps"] += 1
+                    bad_in_row += 1
+                    log.warning(f"step {state['step'] + 1}: non-finite loss or gradient, step skipped "
+                                f"({bad_in_row} in a row, {state['bad_steps']} in total)")
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] += 1
+                step_tokens = int(sum(batch["input_ids"].numel() for batch in micro_batches)) * context.world_size
+                state["tokens_seen"] += step_tokens
+                window_tokens += step_tokens
+                if finite:
+                    losses.append(step_loss.item())
+
+                if bad_in_row >= config.train.max_bad_steps:
+                    # The skipped steps never changed the weights, so this saves the last good state.
+                    save()
+                    reason = f"{bad_in_row} non-finite steps in a row"
+                    log.error(f"stopping: {reason}; the last good state is saved in {checkpoints.latest()}. "
+                              f"Lower optim.lr, check the data, or use train.precision=fp32")
+                    break
+                if state["step"] % config.logging.every_steps == 0 or state["step"] == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    row = {"step": state["step"], "loss": step_loss.item() if finite else None,
+                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm if finite else None,
+                           "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops,
+                           "elapsed_s": time.perf_counter() - start_time}
+                    metrics.write(row)
+                    progress.update(state["step"], loss=row["loss"] or float("nan"), lr=row["lr"],
+                                    tok_s=round(tokens_per_s))
+                    window_tokens, window_start = 0, time.perf_counter()
+                if val_dataset is not None and (state["step"] % config.eval.every_steps == 0
+                                                or state["step"] == total_steps):
+                    last_eval = self.evaluate(forward_model, val_dataset, autocast)
+                    metrics.write({"step": state["step"], **last_eval})
+                    log.info(f"step {state['step']}: val_loss {last_eval['val_loss']:.4f}, "
+                             f"val_ppl {last_eval['val_ppl']:.2f}")
+                    if self.improved(last_eval["val_loss"], state):
+                        checkpoints.save_best(model, {"step": state["step"], **last_eval})
+                    elif config.eval.patience and state["evals_without_improvement"] >= config.eval.patience:
+                        reason = "early stopping"
+                        log.info(f"early stopping: no improvement of val_loss by more than {config.eval.min_delta} "
+                                 f"in {config.eval.patience} evaluations (best {state['best_val_loss']:.4f})")
+                        save()
+                        break
+                if state["step"] % config.checkpoint.every_steps == 0 or state["step"] == total_steps:
+                    save()
+        return {"step": state["step"], "reason": reason, "losses": losses, "last_eval": last_eval,
+                "best_val_loss": state["best_val_loss"], "bad_steps": state["bad_steps"],
+                "tokens_seen": state["tokens_seen"]}
+
+    def improved(self, val_loss: float, state: dict) -> bool:
+        best = state["best_val_loss"]
+        if best is None or val_loss < best - self.config.eval.min_delta:
+            state["best_val_loss"], state["evals_without_improvement"] = val_loss, 0
+            return True
+        state["evals_without_improvement"] += 1
+        return False
+
+    @staticmethod
+    def gradient_sync(model: nn.Module, sync: bool):
+        """Only the last micro-batch of a step all-reduces gradients; the others accumulate locally."""
+        if isinstance(model, DistributedDataParallel) and not sync:
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, autocast) -> dict[str, float]:
+        """Token-weighted mean loss over (at most `eval.max_batches` batches of) the validation split, all ranks."""
+        from utils.data import ResumableSampler
+
+        model.eval()
+        sampler = ResumableSampler(len(dataset), self.context.rank, self.context.world_size, shuffle=False)
+        totals = torch.zeros(2, device=self.context.device)
+        for index, batch in enumerate(self.loader(dataset, sampler, self.collate)):
+            if index >= self.config.eval.max_batches:
+                break
+            batch = {key: value.to(self.context.device) for key, value in batch.items()}
+            targets = count_targets(batch)
+            with autocast:
+                loss = model(**batch).loss
+            totals += torch.stack([loss.float() * targets, torch.tensor(float(targets), device=loss.device)])
+        all_reduce_sum(totals, self.context)
+        val_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+    def save_final(self, model: nn.Module, tokenizer, checkpoints: CheckpointManager, out_dir: Path) -> None:
+        """`final/`: the model (the best one when validation ran), tokenizer and generation config, loadable with
+        AutoModelForCausalLM and AutoTokenizer; then a sample generation from it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from utils.checkpoint import FULL_STATE
+
+        state_dict = get_model_state_dict(model, options=FULL_STATE)
+        if self.context.is_main:
+            final, temporary = out_dir / "final", out_dir / ".tmp-final"
+            best = checkpoints.root / "best"
+            if best.is_dir():
+                source = AutoModelForCausalLM.from_pretrained(best)
+                state_dict = source.state_dict()
+            plain = unwrap_model(model)
+            plain.generation_config = GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.8, top_p=0.9,
+                max_new_tokens=self.config.logging.sample_tokens)
+            plain.save_pretrained(temporary, state_dict=state_dict)
+            tokenizer.save_pretrained(temporary)
+            checkpoints._publish(temporary, final)
+            get_logger().info(f"final model written to {final}/ ({'best' if best.is_dir() else 'last'} weights)")
+            self.print_sample(final)
+        barrier(self.context)
+
+    def print_sample(self, folder: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        prompt = self.config.logging.sample_prompt
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(self.config.train.seed)
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=True, max_new_tokens=self.config.logging.sample_tokens)
+        text = tokenizer.decode(output[0], skip_special_tokens=True)
+        get_logger().info(f"sample: {text!r}")
