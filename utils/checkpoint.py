@@ -45,6 +45,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _step(folder: Path) -> int:
+    return int(folder.name[len("step_"):])
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -79,7 +83,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         folders = [path for path in self.root.glob("step_*") if path.is_dir() and path.name[5:].isdigit()]
-        return sorted(folders, key=lambda path: int(path.name[5:]), reverse=True)
+        return sorted(folders, key=_step, reverse=True)
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
@@ -123,7 +127,8 @@ class CheckpointManager:
             (temporary / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
             self._publish(temporary, final)
             _write_atomically(self.root / "latest", final.name + "\n")
-            for old in self.step_folders()[self.keep_last:]:
+            # Keep the newest `keep_last` of this run's line; later-numbered folders of an abandoned branch stay.
+            for old in [folder for folder in self.step_folders() if _step(folder) <= step][self.keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.context)
         return final
@@ -145,19 +150,24 @@ class CheckpointManager:
     def candidates(self, resume: str) -> list[Path]:
         if resume == "auto":
             latest = self.latest()
-            rest = [folder for folder in self.step_folders() if folder != latest]
-            return ([latest] if latest else []) + rest
+            if latest is None:
+                return []
+            # Folders with a higher step than `latest` belong to a branch abandoned by resuming from an earlier
+            # checkpoint: never fall back into it.
+            older = [folder for folder in self.step_folders() if _step(folder) < _step(latest)]
+            return [latest] + older
         path = Path(resume)
         if not path.is_dir():
             raise InputError(f"checkpoint not found: {path}")
         return [path]
 
     def load(self, resume: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-             check_compatible) -> tuple[Path, dict] | None:
-        """Restore model, optimizer and this rank's RNG from the first usable candidate and return (folder,
-        trainer state). `check_compatible(saved_config)` returns a reason string when the checkpoint cannot
-        continue this run. A damaged or incompatible checkpoint is reported and the previous one tried; with
-        `--resume auto` and no checkpoint at all, None (start fresh)."""
+             check_compatible) -> tuple[Path, dict, dict] | None:
+        """Restore model and optimizer from the first usable candidate and return (folder, trainer state, this
+        rank's RNG state); the caller restores the RNG state last, right before training continues, so that
+        nothing in between draws from it. `check_compatible(saved_config)` returns a reason string when the
+        checkpoint cannot continue this run. A damaged or incompatible checkpoint is reported and the previous
+        one tried; with `--resume auto` and no checkpoint at all, None (start fresh)."""
         log = get_logger()
         candidates = self.candidates(resume)
         if not candidates:
@@ -180,11 +190,10 @@ class CheckpointManager:
                 set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
                 set_optimizer_state_dict(model, optimizer, optimizer_state,
                                          options=StateDictOptions(full_state_dict=True))
-                set_rng_state(rng_states[self.context.rank])
             except Exception as error:  # a damaged file can fail in many ways; each means "not usable"
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
                 log.warning(f"checkpoint {folder} refused: {message}")
                 continue
             log.info(f"resumed from {folder} (step {trainer_state['step']})")
-            return folder, trainer_state
+            return folder, trainer_state, rng_states[self.context.rank]
         raise InputError(f"no usable checkpoint among {', '.join(str(c) for c in candidates)} (see warnings above)")

@@ -24,7 +24,7 @@ from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from model import ByteModel, ByteModelConfig
-from utils.checkpoint import CheckpointManager
+from utils.checkpoint import CheckpointManager, set_rng_state
 from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
 from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, teardown,
                                unwrap_model, wrap_model)
@@ -230,9 +230,12 @@ class Trainer:
         return None
 
     def loader(self, dataset: Dataset, sampler, collate) -> DataLoader:
+        # An own generator: creating a loader must not draw from the global RNG, or a resumed run (which creates
+        # its loader at another moment) would see different dropout masks than an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.config.train.seed)
         return DataLoader(dataset, batch_size=self.config.train.micro_batch_size, sampler=sampler,
                           collate_fn=collate, num_workers=self.config.data.num_workers, drop_last=True,
-                          pin_memory=self.context.device.type == "cuda")
+                          pin_memory=self.context.device.type == "cuda", generator=generator)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless stream of micro-batches over epochs; `self.epoch`/`self.consumed` always name the position
@@ -293,13 +296,17 @@ class Trainer:
                 optimizer, min(config.optim.warmup_steps, total_steps), total_steps, min_lr=config.optim.min_lr)
             forward_model = torch.compile(wrapped) if config.train.compile else wrapped
 
+            flops_per_token = training_flops_per_token(unwrap_model(model).config, num_parameters,
+                                                       config.data.seq_len)
+            peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             self.epoch = self.consumed = 0
             state = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "evals_without_improvement": 0,
                      "bad_steps": 0}
+            saved_rng = None
             if resume is not None:
                 loaded = checkpoints.load(resume, wrapped, optimizer, self.check_resumable)
                 if loaded is not None:
-                    state = loaded[1]
+                    _, state, saved_rng = loaded
                     scheduler.load_state_dict(state.pop("scheduler"))
                     self.sampler.load_state_dict(state.pop("sampler"))
                     self.epoch, self.consumed = self.sampler.epoch, self.sampler.start
@@ -307,12 +314,11 @@ class Trainer:
                 save_config(config, out_dir / "config.yaml")
             metrics = MetricsWriter(out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
                                     config_to_dict(config), state["step"] if resume is not None else None)
-            flops_per_token = training_flops_per_token(unwrap_model(model).config, num_parameters,
-                                                       config.data.seq_len)
-            peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             log.info(f"model: {num_parameters / 1e6:.2f}M parameters; {len(self.train_dataset)} training samples, "
                      f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
                      f"{context.world_size} process(es), {config.train.strategy}; device {context.device}")
+            if saved_rng is not None:
+                set_rng_state(saved_rng)  # last, so that nothing between restore and training draws from it
             with GracefulStop() as stop:
                 summary = self.loop(forward_model, wrapped, optimizer, scheduler, checkpoints, metrics, stop, state,
                                     total_steps, dtype, val_dataset, flops_per_token, peak_flops)
@@ -446,14 +452,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, autocast) -> dict[str, float]:
-        """Token-weighted mean loss over (at most `eval.max_batches` batches of) the validation split, all ranks."""
+        """Token-weighted mean loss over the first `eval.max_batches` batches of the validation split; the ranks
+        share those batches, so the result does not depend on the number of processes."""
         from utils.data import ResumableSampler
 
         model.eval()
         sampler = ResumableSampler(len(dataset), self.context.rank, self.context.world_size, shuffle=False)
+        batches_per_rank = math.ceil(self.config.eval.max_batches / self.context.world_size)
         totals = torch.zeros(2, device=self.context.device)
         for index, batch in enumerate(self.loader(dataset, sampler, self.collate)):
-            if index >= self.config.eval.max_batches:
+            if index >= batches_per_rank:
                 break
             batch = {key: value.to(self.context.device) for key, value in batch.items()}
             targets = count_targets(batch)

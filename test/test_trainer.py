@@ -1,0 +1,659 @@
+"""The training engine (utils/trainer.py) and its checkpoints (utils/checkpoint.py), run in-process on a tiny model:
+precision and parameter groups, a short run that learns and writes every artefact, bitwise-exact resume after a
+stop, damaged and incompatible checkpoints, non-finite steps, target counting, signals and the metrics file."""
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import model  # noqa: F401  (registers the model with the Auto classes)
+import model_pretrain
+import utils.trainer
+from helpers import tiny_config
+from model import ByteModel, ByteRMSNorm
+from utils.config import InputError, TrainingConfig, build_config
+from utils.trainer import (GracefulStop, MetricsWriter, Trainer, count_targets, parameter_groups,
+                           resolve_precision)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(ROOT / "datasets/demo/pretrain_val.jsonl")
+TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
+EVAL_KEYS = {"step", "val_loss", "val_ppl"}
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the module: the validation file is tokenized once."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
+def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
+    """A tiny, fast configuration; `sections` maps a section name to overrides of it."""
+    values = {
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "max_position_embeddings": 64},
+        "data": {"train_files": [DATA], "val_files": [DATA], "tokenizer": str(ROOT / "tokenizer"), "seq_len": 32,
+                 "cache_dir": str(cache_dir)},
+        "train": {"out_dir": str(out_dir), "max_steps": 12, "micro_batch_size": 2, "grad_accum_steps": 1,
+                  "precision": "fp32", "seed": 42},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 3},
+        "checkpoint": {"every_steps": 4, "keep_last": 3},
+        "eval": {"every_steps": 4, "max_batches": 2},
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+    }
+    for section, overrides in sections.items():
+        values[section] = {**values[section], **overrides}
+    return build_config(TrainingConfig, values)
+
+
+def fit(config: TrainingConfig, resume: str | None = None) -> dict:
+    return Trainer(config, model_pretrain.pretrain_datasets).fit(resume)
+
+
+def stop_before_call(monkeypatch, call: int) -> None:
+    """Emulate SIGTERM: the loop asks `any_rank(stop.requested, ...)` once at the top of every step, so answering
+    True on call `call` stops the run after step `call - 1` (with a checkpoint)."""
+    original = utils.trainer.any_rank
+    calls = {"count": 0}
+
+    def any_rank(flag, context):
+        calls["count"] += 1
+        return True if calls["count"] == call else original(flag, context)
+
+    monkeypatch.setattr(utils.trainer, "any_rank", any_rank)
+
+
+class RecordingTrainer(Trainer):
+    """A Trainer that keeps a copy of the model's initial weights (`self.initial`)."""
+
+    def build_model(self, tokenizer):
+        built = super().build_model(tokenizer)
+        self.initial = {key: value.detach().clone() for key, value in built.state_dict().items()}
+        return built
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of out_dir/metrics.jsonl."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if "loss" in row], [row for row in rows if "val_loss" in row]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder` (directories as entries too)."""
+    digest = {}
+    for path in sorted(folder.rglob("*")):
+        relative = str(path.relative_to(folder))
+        digest[relative] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
+    return digest
+
+
+def step_folders(out_dir: Path) -> list[str]:
+    return sorted((path.name for path in (out_dir / "checkpoints").glob("step_*")), key=lambda n: int(n[5:]))
+
+
+# --------------------------------------------------------------------------------------------------------- 1. set-up
+
+def test_resolve_precision_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("fp32", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["fp16", "fp8", "float32", ""])
+def test_resolve_precision_rejects_fp16_on_cpu_and_unknown_names(name):
+    with pytest.raises(InputError, match="precision"):
+        resolve_precision(name, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_groups_decay_matrices_only(tied):
+    network = ByteModel(tiny_config(tie_word_embeddings=tied, attention_bias=True, mlp_bias=True,
+                                    layer_scale_init=0.1))
+    groups = parameter_groups(network, weight_decay=0.1)
+    assert [group["weight_decay"] for group in groups] == [0.1, 0.0]
+    decay = [id(parameter) for parameter in groups[0]["params"]]
+    no_decay = [id(parameter) for parameter in groups[1]["params"]]
+    # Every parameter exactly once (a tied embedding is one parameter, not two).
+    unique = {id(parameter) for parameter in network.parameters()}
+    assert len(decay) + len(no_decay) == len(unique) == len(set(decay) | set(no_decay))
+
+    linear_weights = {id(module.weight) for module in network.modules() if isinstance(module, nn.Linear)}
+    embedding = network.model.embed_tokens.weight
+    biases = {id(module.bias) for module in network.modules()
+              if isinstance(module, nn.Linear) and module.bias is not None}
+    norms = {id(module.weight) for module in network.modules() if isinstance(module, ByteRMSNorm)}
+    assert biases and norms  # the config above really has both
+    assert id(embedding) in no_decay
+    assert biases | norms <= set(no_decay)
+    assert set(decay) == linear_weights - {id(embedding)}
+    assert (network.lm_head.weight is embedding) == tied
+    if not tied:
+        assert id(network.lm_head.weight) in decay
+    # Nothing one-dimensional is decayed.
+    assert all(parameter.ndim >= 2 for parameter in groups[0]["params"])
+
+
+# ---------------------------------------------------------------------------------------------------- 2. a short run
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, cache_dir):
+    out_dir = tmp_path_factory.mktemp("short-run") / "out"
+    config = make_config(out_dir, cache_dir, train={"max_steps": 30}, optim={"lr": 1e-2, "min_lr": 1e-3,
+                                                                             "warmup_steps": 3},
+                         checkpoint={"every_steps": 5, "keep_last": 2}, eval={"every_steps": 10})
+    return config, out_dir, fit(config)
+
+
+def test_short_run_lowers_the_loss(short_run):
+    config, out_dir, summary = short_run
+    assert summary["reason"] == "finished"
+    assert summary["step"] == 30 and summary["bad_steps"] == 0
+    assert summary["tokens_seen"] == 30 * 2 * 32
+    losses = summary["losses"]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.25, (first, last)
+    train_rows, eval_rows = read_metrics(out_dir)
+    assert [row["step"] for row in eval_rows] == [10, 20, 30]
+    assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"]
+    assert summary["last_eval"]["val_loss"] == eval_rows[-1]["val_loss"]
+    assert summary["best_val_loss"] == min(row["val_loss"] for row in eval_rows)
+    assert [row["loss"] for row in train_rows] == losses
+
+
+def test_short_run_metrics_rows_and_schedule(short_run):
+    config, out_dir, summary = short_run
+    train_rows, eval_rows = read_metrics(out_dir)
+    assert [row["step"] for row in train_rows] == list(range(1, 31))
+    for row in train_rows:
+        assert set(row) == TRAIN_KEYS
+        assert all(isinstance(row[key], (int, float)) and math.isfinite(row[key]) for key in TRAIN_KEYS), row
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["grad_norm"] > 0
+    for row in eval_rows:
+        assert set(row) == EVAL_KEYS
+        assert math.isfinite(row["val_loss"]) and row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]))
+    elapsed = [row["elapsed_s"] for row in train_rows]
+    assert elapsed == sorted(elapsed)
+
+    lr, min_lr, warmup = config.optim.lr, config.optim.min_lr, config.optim.warmup_steps
+    lrs = [row["lr"] for row in train_rows]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(lr) and peak <= warmup
+    # Linear warm-up: equal increments of lr / warmup_steps up to the peak...
+    rises = [later - earlier for earlier, later in zip(lrs[:peak + 1], lrs[1:peak + 1])]
+    assert len(rises) >= warmup - 1 and rises == pytest.approx([lr / warmup] * len(rises))
+    # ...then cosine decay: never increasing, never below min_lr, half-way at mid-decay, ending at min_lr.
+    decay = lrs[peak:]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(decay, decay[1:]))
+    assert min(lrs) >= min_lr - 1e-12
+    middle = decay[len(decay) // 2]
+    assert min_lr + 0.3 * (lr - min_lr) < middle < min_lr + 0.7 * (lr - min_lr)
+    assert lrs[-1] == pytest.approx(min_lr, rel=0.05)
+
+
+def test_short_run_writes_every_artefact(short_run):
+    config, out_dir, summary = short_run
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    assert saved["model"]["hidden_size"] == 32 and saved["train"]["max_steps"] == 30
+    log = (out_dir / "train.log").read_text()
+    assert "step 30: val_loss" in log and "final model written" in log
+    checkpoints = out_dir / "checkpoints"
+    assert step_folders(out_dir) == ["step_25", "step_30"]  # every 5 steps, keep_last 2
+    assert (checkpoints / "latest").read_text().strip() == "step_30"
+    for name in ("config.json", "model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json",
+                 "config.yaml"):
+        assert (checkpoints / "step_30" / name).is_file(), name
+    state = json.loads((checkpoints / "step_30" / "trainer_state.json").read_text())
+    assert state["step"] == 30 and state["tokens_seen"] == summary["tokens_seen"]
+    best = checkpoints / "best"
+    assert (best / "model.safetensors").is_file()
+    best_metrics = json.loads((best / "best_metrics.json").read_text())
+    assert best_metrics["val_loss"] == summary["best_val_loss"]
+    assert not list(out_dir.rglob(".tmp-*")), "temporary folders left behind"
+
+
+def test_short_run_final_model_loads_with_auto_classes(short_run):
+    config, out_dir, summary = short_run
+    final = out_dir / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    loaded = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert isinstance(loaded, ByteModel)
+    assert loaded.config.hidden_size == 32 and loaded.config.vocab_size == len(tokenizer)
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id is not None
+    assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id is not None
+    ids = tokenizer("The cat", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    # With validation, final/ holds the best weights.
+    final_weights = load_file(final / "model.safetensors")
+    best_weights = load_file(out_dir / "checkpoints" / "best" / "model.safetensors")
+    assert final_weights.keys() == best_weights.keys()
+    assert all(torch.equal(final_weights[key], best_weights[key]) for key in final_weights)
+
+
+# --------------------------------------------------------------------------------------------------- 3. exact resume
+
+
+
+@pytest.mark.parametrize("model_overrides", [
+    pytest.param({}, id="no-dropout"),
+    pytest.param({"attention_dropout": 0.1, "drop_path_rate": 0.1}, id="dropout"),
+])
+def test_resume_after_stop_is_bitwise_identical(tmp_path, cache_dir, monkeypatch, model_overrides):
+    config_a = make_config(tmp_path / "a", cache_dir, model=model_overrides)
+    summary_a = fit(config_a)
+    assert summary_a["reason"] == "finished" and summary_a["step"] == 12
+
+    config_b = make_config(tmp_path / "b", cache_dir, model=model_overrides)
+    stop_before_call(monkeypatch, 7)
+    stopped = fit(config_b)
+    assert stopped["reason"] == "stopped by signal"
+    assert stopped["step"] == 6
+    assert step_folders(tmp_path / "b") == ["step_4", "step_6"]
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_6"
+    assert not (tmp_path / "b" / "final").exists()
+
+    resumed = fit(make_config(tmp_path / "b", cache_dir, model=model_overrides), "auto")
+    assert resumed["reason"] == "finished" and resumed["step"] == 12
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    assert len(resumed["losses"]) == 6
+    assert stopped["losses"] + resumed["losses"] == summary_a["losses"]
+    for key in ("tokens_seen", "best_val_loss", "last_eval", "bad_steps"):
+        assert resumed[key] == summary_a[key], key
+
+    rows_a, evals_a = read_metrics(tmp_path / "a")
+    rows_b, evals_b = read_metrics(tmp_path / "b")
+    assert [row["step"] for row in rows_b] == list(range(1, 13))  # no duplicates from before the stop
+    assert [row["step"] for row in evals_b] == [4, 8, 12]
+    for row_a, row_b in zip(rows_a, rows_b):
+        assert (row_b["step"], row_b["loss"], row_b["grad_norm"], row_b["lr"]) == \
+               (row_a["step"], row_a["loss"], row_a["grad_norm"], row_a["lr"])
+    assert evals_a == evals_b
+
+    for name in ("final", "checkpoints/step_12"):
+        weights_a = load_file(tmp_path / "a" / name / "model.safetensors")
+        weights_b = load_file(tmp_path / "b" / name / "model.safetensors")
+        assert weights_a.keys() == weights_b.keys()
+        assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a), name
+
+
+# ------------------------------------------------------------------------------------------------ 4. bad checkpoints
+
+@pytest.fixture(scope="module")
+def stopped_at_8(tmp_path_factory, cache_dir):
+    """A 12-step run stopped after step 8: checkpoints step_4 and step_8 (each test copies it)."""
+    out_dir = tmp_path_factory.mktemp("stopped") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_before_call(monkeypatch, 9)
+        summary = fit(make_config(out_dir, cache_dir))
+    assert summary["reason"] == "stopped by signal" and summary["step"] == 8
+    assert step_folders(out_dir) == ["step_4", "step_8"]
+    return out_dir
+
+
+@pytest.fixture
+def stopped_copy(stopped_at_8, tmp_path) -> Path:
+    out_dir = tmp_path / "out"
+    shutil.copytree(stopped_at_8, out_dir)
+    return out_dir
+
+
+def test_damaged_checkpoint_is_refused_and_the_previous_one_used(stopped_copy, cache_dir):
+    damaged = stopped_copy / "checkpoints" / "step_8" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:5])
+    summary = fit(make_config(stopped_copy, cache_dir), "auto")
+    assert summary["reason"] == "finished" and summary["step"] == 12
+    assert len(summary["losses"]) == 8  # steps 5..12: resumed from step_4
+    log = (stopped_copy / "train.log").read_text()
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "refused" in line]
+    assert len(warnings) == 1 and "step_8" in warnings[0], warnings
+    assert "step_4 (step 4)" in log
+    train_rows, eval_rows = read_metrics(stopped_copy)
+    assert [row["step"] for row in train_rows] == list(range(1, 13))
+    assert [row["step"] for row in eval_rows] == [4, 8, 12]
+    assert (stopped_copy / "final" / "model.safetensors").is_file()
+    # step_8 was written again by the resumed run and loads now.
+    assert load_file(stopped_copy / "checkpoints" / "step_8" / "model.safetensors")
+
+
+def test_incompatible_checkpoint_is_refused(stopped_copy, cache_dir):
+    config_file = stopped_copy / "checkpoints" / "step_8" / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    saved["model"]["hidden_size"] = 64
+    config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
+    summary = fit(make_config(stopped_copy, cache_dir), "auto")
+    assert summary["reason"] == "finished" and summary["step"] == 12
+    assert len(summary["losses"]) == 8
+    log = (stopped_copy / "train.log").read_text()
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "refused" in line]
+    assert len(warnings) == 1
+    assert "step_8" in warnings[0] and "incompatible" in warnings[0] and "model.hidden_size" in warnings[0]
+
+
+def test_only_incompatible_checkpoints_raise_and_touch_nothing(stopped_copy, cache_dir):
+    before = tree_digest(stopped_copy / "checkpoints")
+    metrics_before = (stopped_copy / "metrics.jsonl").read_bytes()
+    config_before = (stopped_copy / "config.yaml").read_bytes()
+    config = make_config(stopped_copy, cache_dir, model={"hidden_size": 64})
+    with pytest.raises(InputError, match="no usable checkpoint"):
+        fit(config, "auto")
+    assert tree_digest(stopped_copy / "checkpoints") == before
+    assert (stopped_copy / "metrics.jsonl").read_bytes() == metrics_before
+    assert (stopped_copy / "config.yaml").read_bytes() == config_before
+    log = (stopped_copy / "train.log").read_text()
+    refused = [line for line in log.splitlines() if "refused" in line]
+    assert len(refused) == 2 and all("model.hidden_size was 32, this run has 64" in line for line in refused)
+
+
+def test_resume_from_explicit_missing_path_raises(stopped_copy, cache_dir):
+    with pytest.raises(InputError, match="checkpoint not found"):
+        fit(make_config(stopped_copy, cache_dir), str(stopped_copy / "checkpoints" / "step_99"))
+
+
+def test_fresh_start_into_existing_checkpoints_raises(stopped_copy, cache_dir):
+    before = tree_digest(stopped_copy / "checkpoints")
+    metrics_before = (stopped_copy / "metrics.jsonl").read_bytes()
+    with pytest.raises(InputError, match="already holds checkpoints"):
+        fit(make_config(stopped_copy, cache_dir))
+    assert tree_digest(stopped_copy / "checkpoints") == before
+    assert (stopped_copy / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_resume_from_an_explicit_older_checkpoint(stopped_copy, cache_dir):
+    summary = fit(make_config(stopped_copy, cache_dir), str(stopped_copy / "checkpoints" / "step_4"))
+    assert summary["reason"] == "finished" and summary["step"] == 12 and len(summary["losses"]) == 8
+    assert "refused" not in (stopped_copy / "train.log").read_text()
+    assert [row["step"] for row in read_metrics(stopped_copy)[0]] == list(range(1, 13))
+
+
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(stopped_copy, cache_dir, monkeypatch):
+    # Branch off step_4 (say, to retry with other settings) while step_8 of the first attempt still exists.
+    stop_before_call(monkeypatch, 3)
+    config = make_config(stopped_copy, cache_dir, checkpoint={"keep_last": 1})
+    summary = fit(config, str(stopped_copy / "checkpoints" / "step_4"))
+    assert summary["reason"] == "stopped by signal" and summary["step"] == 6
+    latest = (stopped_copy / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_6"
+    assert (stopped_copy / "checkpoints" / latest).is_dir(), step_folders(stopped_copy)
+    # keep_last applies to this line of checkpoints; the abandoned branch's later folder is not deleted
+    assert step_folders(stopped_copy) == ["step_6", "step_8"]
+
+
+# --------------------------------------------------------------------------------------------- 4b. other run options
+
+def test_early_stopping_keeps_the_best_weights(tmp_path, cache_dir):
+    out_dir = tmp_path / "out"
+    # No evaluation can improve on the first by more than min_delta: the second one stops the run.
+    config = make_config(out_dir, cache_dir, eval={"every_steps": 4, "patience": 1, "min_delta": 100.0})
+    summary = fit(config)
+    assert summary["reason"] == "early stopping" and summary["step"] == 8
+    assert step_folders(out_dir) == ["step_4", "step_8"]
+    best_metrics = json.loads((out_dir / "checkpoints" / "best" / "best_metrics.json").read_text())
+    assert best_metrics["step"] == 4 and best_metrics["val_loss"] == summary["best_val_loss"]
+    final = load_file(out_dir / "final" / "model.safetensors")
+    step_4 = load_file(out_dir / "checkpoints" / "step_4" / "model.safetensors")
+    step_8 = load_file(out_dir / "checkpoints" / "step_8" / "model.safetensors")
+    assert all(torch.equal(final[key], step_4[key]) for key in final)
+    assert not all(torch.equal(final[key], step_8[key]) for key in final)
+
+
+@pytest.fixture(scope="module")
+def tiny_train_file(tmp_path_factory) -> tuple[str, int]:
+    """A training file of a handful of windows, so that a few steps cross epochs: (path, number of windows)."""
+    from utils.data import PretrainDataset
+
+    folder = tmp_path_factory.mktemp("tiny-data")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    lines = Path(DATA).read_text(encoding="utf-8").splitlines()
+    for count in range(1, 20):
+        path = folder / f"train{count}.jsonl"
+        path.write_text("\n".join(lines[:count]) + "\n", encoding="utf-8")
+        windows = len(PretrainDataset([str(path)], tokenizer, 32, folder / "cache"))
+        if windows >= 7:
+            return str(path), windows
+    raise AssertionError("could not build a small training file")
+
+
+def test_resume_at_an_epoch_boundary_and_epoch_mode(tmp_path, cache_dir, monkeypatch, tiny_train_file):
+    path, windows = tiny_train_file
+    steps_per_epoch = windows // 2
+    data = {"train_files": [path]}
+    train = {"max_steps": None, "epochs": 3}
+    summary_a = fit(make_config(tmp_path / "a", cache_dir, data=data, train=train))
+    assert summary_a["reason"] == "finished" and summary_a["step"] == 3 * steps_per_epoch
+    assert summary_a["tokens_seen"] == 3 * steps_per_epoch * 2 * 32
+
+    stop_before_call(monkeypatch, steps_per_epoch + 1)  # stop right after the last batch of epoch 0
+    stopped = fit(make_config(tmp_path / "b", cache_dir, data=data, train=train))
+    assert stopped["step"] == steps_per_epoch
+    resumed = fit(make_config(tmp_path / "b", cache_dir, data=data, train=train), "auto")
+    assert resumed["step"] == 3 * steps_per_epoch
+    assert stopped["losses"] + resumed["losses"] == summary_a["losses"]
+    rows_a, rows_b = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
+    assert [row["step"] for row in rows_b] == list(range(1, 3 * steps_per_epoch + 1))
+    assert [row["grad_norm"] for row in rows_b] == [row["grad_norm"] for row in rows_a]
+
+
+def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, cache_dir):
+    big = fit(make_config(tmp_path / "big", cache_dir, train={"max_steps": 6, "micro_batch_size": 2}))
+    accumulated = fit(make_config(tmp_path / "acc", cache_dir,
+                                  train={"max_steps": 6, "micro_batch_size": 1, "grad_accum_steps": 2}))
+    assert accumulated["tokens_seen"] == big["tokens_seen"]
+    assert accumulated["losses"] == pytest.approx(big["losses"], abs=1e-5)
+    rows_big, rows_accumulated = read_metrics(tmp_path / "big")[0], read_metrics(tmp_path / "acc")[0]
+    assert [row["grad_norm"] for row in rows_accumulated] == pytest.approx([row["grad_norm"] for row in rows_big],
+                                                                          rel=1e-4)
+
+
+def test_gradient_checkpointing_does_not_change_the_run(tmp_path, cache_dir):
+    plain = fit(make_config(tmp_path / "plain", cache_dir, train={"max_steps": 4}))
+    checkpointed = fit(make_config(tmp_path / "gc", cache_dir, train={"max_steps": 4,
+                                                                     "gradient_checkpointing": True}))
+    assert checkpointed["losses"] == pytest.approx(plain["losses"], abs=1e-6)
+
+
+def test_bf16_autocast_run(tmp_path, cache_dir, monkeypatch):
+    # Measuring the peak FLOP/s with 1024x1024 bf16 matrices takes long where bf16 is emulated: measure smaller ones.
+    monkeypatch.setattr(utils.trainer, "measure_peak_flops",
+                        functools.partial(utils.trainer.measure_peak_flops, size=128))
+    summary = fit(make_config(tmp_path / "out", cache_dir, train={"max_steps": 3, "precision": "bf16"}))
+    assert summary["reason"] == "finished" and summary["bad_steps"] == 0
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    assert "precision torch.bfloat16" in (tmp_path / "out" / "train.log").read_text()
+    weights = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    assert all(value.dtype == torch.float32 for value in weights.values())  # master weights stay fp32
+
+
+def test_init_from_a_saved_model(tmp_path, cache_dir, short_run):
+    _, short_out, _ = short_run
+    config = make_config(tmp_path / "out", cache_dir, model={"init_from": str(short_out / "final")},
+                         train={"max_steps": 2})
+    trainer = RecordingTrainer(config, model_pretrain.pretrain_datasets)
+    summary = trainer.fit(None)
+    assert summary["reason"] == "finished"
+    start = load_file(short_out / "final" / "model.safetensors")
+    assert all(torch.equal(trainer.initial[key], value) for key, value in start.items())
+    missing = make_config(tmp_path / "missing", cache_dir, model={"init_from": str(tmp_path / "nowhere")})
+    with pytest.raises(InputError, match="init_from"):
+        fit(missing)
+
+
+# ------------------------------------------------------------------------------------------------------ 5. NaN steps
+
+def inject_nan(monkeypatch, bad_calls) -> dict:
+    """Make `ByteModel.causal_lm_loss` return NaN (still differentiable, so gradients are NaN too) on the calls for
+    which `bad_calls(n)` is true (n counts from 1)."""
+    original = ByteModel.causal_lm_loss
+    calls = {"count": 0}
+
+    def causal_lm_loss(*args, **kwargs):
+        calls["count"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if bad_calls(calls["count"]) else loss
+
+    monkeypatch.setattr(ByteModel, "causal_lm_loss", staticmethod(causal_lm_loss))
+    return calls
+
+
+def record_optimizer_steps(monkeypatch, calls) -> list[int]:
+    """The loss-call count at every optimizer step."""
+    steps: list[int] = []
+    original = utils.trainer.build_optimizer
+
+    def build_optimizer(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: steps.append(calls["count"]))
+        return optimizer
+
+    monkeypatch.setattr(utils.trainer, "build_optimizer", build_optimizer)
+    return steps
+
+
+def test_one_nan_step_is_skipped(tmp_path, cache_dir, monkeypatch):
+    calls = inject_nan(monkeypatch, lambda n: n == 3)
+    optimizer_steps = record_optimizer_steps(monkeypatch, calls)
+    config = make_config(tmp_path / "out", cache_dir, train={"max_steps": 6}, eval={"every_steps": 100})
+    summary = fit(config)
+    assert summary["reason"] == "finished" and summary["step"] == 6
+    assert summary["bad_steps"] == 1
+    assert len(summary["losses"]) == 5 and all(math.isfinite(loss) for loss in summary["losses"])
+    assert optimizer_steps == [1, 2, 4, 5, 6]  # no update on the step whose loss was NaN
+    train_rows, eval_rows = read_metrics(tmp_path / "out")
+    assert [row["step"] for row in train_rows] == list(range(1, 7))
+    bad = train_rows[2]
+    assert bad["step"] == 3 and bad["loss"] is None and bad["grad_norm"] is None
+    for row in train_rows[3:]:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+    assert math.isfinite(eval_rows[-1]["val_loss"])
+    weights = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "step 3: non-finite loss or gradient, step skipped" in log
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, cache_dir, monkeypatch):
+    inject_nan(monkeypatch, lambda n: True)
+    out_dir = tmp_path / "out"
+    # No warm-up: a (wrong) update on step 1 would already change the weights.
+    config = make_config(out_dir, cache_dir, train={"max_steps": 10, "max_bad_steps": 2},
+                         optim={"warmup_steps": 0})
+    trainer = RecordingTrainer(config, model_pretrain.pretrain_datasets)
+    summary = trainer.fit(None)
+    assert "in a row" in summary["reason"]
+    assert summary["step"] == 2 and summary["bad_steps"] == 2 and summary["losses"] == []
+    assert step_folders(out_dir) == ["step_2"]
+    assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
+    assert not (out_dir / "final").exists()
+    saved = load_file(out_dir / "checkpoints" / "step_2" / "model.safetensors")
+    assert saved, "no weights saved"
+    for key, value in saved.items():
+        assert torch.equal(value, trainer.initial[key]), key
+    state = json.loads((out_dir / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["bad_steps"] == 2
+    train_rows, _ = read_metrics(out_dir)
+    assert all(row["loss"] is None and row["grad_norm"] is None for row in train_rows)
+
+
+# --------------------------------------------------------------------------------------------------- 6. small pieces
+
+def test_count_targets_shift_labels_and_labels():
+    shift = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "shift_labels": torch.tensor([[1, 2, -100, 3], [-100, -100, 4, 5]])}
+    assert count_targets(shift) == 5
+    # `labels` are aligned with the inputs: the first position is never a target.
+    labels = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+              "labels": torch.tensor([[7, 2, -100, 3], [-100, 1, -100, -100]])}
+    assert count_targets(labels) == 3
+    assert count_targets({"labels": torch.full((3, 5), -100)}) == 0
+    assert isinstance(count_targets(shift), int)
+
+
+@pytest.mark.parametrize("key", ["labels", "shift_labels"])
+def test_count_targets_matches_the_models_loss_normalisation(key):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=generator)
+    targets = torch.randint(0, 11, (2, 6), generator=generator)
+    targets[0, 1] = targets[1, 3] = targets[1, 5] = -100
+    batch = {key: targets}
+    labels, shift_labels = (targets, None) if key == "labels" else (None, targets)
+    mean = ByteModel.causal_lm_loss(logits, labels, None, shift_labels)
+    summed = ByteModel.causal_lm_loss(logits, labels, count_targets(batch), shift_labels)
+    torch.testing.assert_close(summed, mean)
+
+
+def test_graceful_stop_catches_sigterm_and_restores_handlers():
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        # Once a stop was requested, SIGINT interrupts at once.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_graceful_stop_first_sigint_is_graceful():
+    previous = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_metrics_writer_truncates_to_the_resumed_step(tmp_path):
+    def rows():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    writer = MetricsWriter(tmp_path, True, "disabled", "p", {}, None)
+    for step in range(1, 6):
+        writer.write({"step": step, "loss": 1.0})
+    writer.write({"step": 4, "val_loss": 1.0, "val_ppl": math.e})
+    writer.close()
+    assert rows() == [1, 2, 3, 4, 5, 4]
+    MetricsWriter(tmp_path, True, "disabled", "p", {}, 3).close()
+    assert rows() == [1, 2, 3]
+    MetricsWriter(tmp_path, False, "disabled", "p", {}, None).close()  # not rank 0: never touches the file
+    assert rows() == [1, 2, 3]
+    MetricsWriter(tmp_path, True, "disabled", "p", {}, None).close()  # a new run starts an empty file
+    assert rows() == []
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "strategy", "tp", "train.strategy"),
+    ("logging", "swanlab_mode", "online", "logging.swanlab_mode"),
+    ("train", "micro_batch_size", 0, "train.micro_batch_size"),
+    ("train", "max_steps", 0, "train.max_steps"),
+    ("optim", "min_lr", 1.0, "optim.min_lr"),
+])
+def test_trainer_checks_the_config_up_front(tmp_path, cache_dir, section, key, value, message):
+    config = make_config(tmp_path / "out", cache_dir, **{section: {key: value}})
+    with pytest.raises(InputError, match=message):
+        Trainer(config, model_pretrain.pretrain_datasets)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seq_len_longer_than_positions_is_an_input_error(tmp_path, cache_dir):
+    config = make_config(tmp_path / "out", cache_dir, data={"seq_len": 65})
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        fit(config)
