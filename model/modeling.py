@@ -77,7 +77,9 @@ class ByteBaseModel(BytePreTrainedModel):
     def __init__(self, config: ByteModelConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        drop_paths = torch.linspace(0.0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth grows linearly with depth (plain Python, so the model can be built on the meta device).
+        last = max(1, config.num_hidden_layers - 1)
+        drop_paths = [config.drop_path_rate * index / last for index in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(
             ByteDecoderLayer(config, layer_idx, drop_paths[layer_idx]) for layer_idx in range(config.num_hidden_layers)
         )

@@ -1,0 +1,394 @@
+"""What a model costs and what it looks like inside: `python utils/model_info.py [--config FILE | --model DIR]`.
+
+Counts parameters (total, trainable, embedding, by component and per layer), training FLOPs per token by component,
+training and inference memory, and, for a trained model, per-layer weight statistics. Prints a summary, writes
+`model_info/<name>_report.md` and the pictures in `model_info/plots/`.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script, Python puts utils/ first on the path; import from the repository root instead.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+
+from model import ByteModel, ByteModelConfig  # noqa: E402
+from utils.config import InputError, ModelSection, build_config, exit_on_input_error  # noqa: E402
+
+COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NEAR_ZERO = 1e-3  # |weight| below this counts as near zero in the checkpoint statistics
+
+
+def component_of(name: str) -> str:
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "norms"  # input/post-attention/final norms; LayerScale gammas are counted with them
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Every parameter counted once (tied embeddings share one tensor), by component and per decoder layer."""
+    by_component = dict.fromkeys(COMPONENTS, 0)
+    per_layer: dict[int, dict[str, int]] = {}
+    total = trainable = 0
+    for name, parameter in model.named_parameters():  # named_parameters yields a shared tensor only once
+        count = parameter.numel()
+        total += count
+        trainable += count if parameter.requires_grad else 0
+        component = component_of(name)
+        by_component[component] += count
+        layer = layer_of(name)
+        if layer is not None:
+            per_layer.setdefault(layer, dict.fromkeys(("attention", "mlp", "norms"), 0))[component] += count
+    embedding = by_component["embeddings"]
+    return {"total": total, "trainable": trainable, "embedding": embedding, "non_embedding": total - embedding,
+            "by_component": by_component, "per_layer": [per_layer[index] for index in sorted(per_layer)]}
+
+
+def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward = 3 x forward), by component, counting a multiply-add as 2.
+
+    Attention scores and values are counted over the full seq_len x seq_len square, as PyTorch's FlopCounterMode
+    counts SDPA; a causal kernel skips about half of that work."""
+    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
+                                         config.num_key_value_heads, config.head_dim)
+    layers = config.num_hidden_layers
+    projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o: heads; k and v: kv heads
+    scores_and_values = 2 * 2 * seq_len * heads * head_dim
+    mlp = 2 * 3 * hidden * config.intermediate_size
+    forward = {"attention": layers * (projections + scores_and_values), "mlp": layers * mlp,
+               "lm_head": 2 * hidden * config.vocab_size}
+    return {name: 3.0 * value for name, value in forward.items()}
+
+
+def training_memory(config: ByteModelConfig, parameters: int, seq_len: int, batch_size: int) -> dict[str, dict]:
+    """Estimated training memory in bytes per precision (fp32, or bf16 autocast with fp32 master weights).
+
+    Weights, gradients (fp32) and AdamW's two moments (fp32) follow from the parameter count. Activations follow
+    Korthikanti et al. (2022) for a layer with a fused attention kernel, 34 * seq * batch * hidden bytes in 16 bits
+    (attention matrices are not stored), plus the fp32 logits and their gradient; gradient checkpointing keeps
+    only each layer's input and one layer's activations for the recomputation."""
+    tokens = seq_len * batch_size
+    logits = 2 * 4 * tokens * config.vocab_size
+    rows = {}
+    for precision, activation_scale in (("fp32", 2.0), ("bf16", 1.0)):
+        per_layer = 34 * tokens * config.hidden_size * activation_scale
+        checkpointed = (config.num_hidden_layers * 2 * tokens * config.hidden_size * activation_scale + per_layer)
+        state = {"weights": 4 * parameters, "gradients": 4 * parameters, "adamw_states": 8 * parameters}
+        rows[precision] = {**state, "activations": config.num_hidden_layers * per_layer + logits,
+                           "activations_checkpointed": checkpointed + logits}
+        rows[precision]["total"] = sum(state.values()) + rows[precision]["activations"]
+        rows[precision]["total_checkpointed"] = sum(state.values()) + rows[precision]["activations_checkpointed"]
+    return rows
+
+
+def inference_memory(config: ByteModelConfig, parameters: int, contexts: list[int], precision: str = "bf16",
+                     batch_size: int = 1) -> list[dict]:
+    """Weights plus KV cache (keys and values of every layer) per context length, in bytes."""
+    width = BYTES[precision]
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * width
+    return [{"context": context, "weights": parameters * width, "kv_cache": kv_per_token * context * batch_size,
+             "total": parameters * width + kv_per_token * context * batch_size} for context in contexts]
+
+
+def weight_statistics(model: nn.Module) -> dict[str, list]:
+    """Per layer and matrix: Frobenius norm and the fraction of near-zero entries."""
+    matrices = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    norms, near_zero = [], []
+    for layer in model.model.layers:
+        modules = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+        weights = [modules[name].weight.detach().float() for name in matrices]
+        norms.append([weight.norm().item() for weight in weights])
+        near_zero.append([(weight.abs() < NEAR_ZERO).float().mean().item() for weight in weights])
+    return {"matrices": list(matrices), "norms": norms, "near_zero_fraction": near_zero}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def config_from_yaml(path: Path) -> ByteModelConfig:
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        raise InputError(f"{path}: no 'model' section")
+    section = build_config(_ModelOnly, {"model": values["model"]}).model
+    vocab_size = _tokenizer_vocab_size(values.get("data", {}).get("tokenizer", "tokenizer"), path)
+    fields = {key: value for key, value in vars(section).items()
+              if key != "init_from" and (value is not None or key == "intermediate_size")}
+    try:
+        return ByteModelConfig(vocab_size=vocab_size, **fields)
+    except ValueError as error:
+        raise InputError(f"{path}: model: {error}") from None
+
+
+@dataclass
+class _ModelOnly:
+    model: ModelSection
+
+
+def _tokenizer_vocab_size(folder: str, config_path: Path) -> int:
+    """The vocabulary the scripts would use: the tokenizer's, read from its files (no need to load it)."""
+    tokenizer_file = Path(folder) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        tokenizer_file = config_path.resolve().parents[1] / folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return ByteModelConfig().vocab_size
+    data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    ids = list(data["model"]["vocab"].values()) + [token["id"] for token in data.get("added_tokens", [])]
+    return max(ids) + 1
+
+
+def load_model(path: Path) -> ByteModel:
+    """A saved model folder (final/, best/, or a checkpoint's step folder)."""
+    if not path.is_dir():
+        raise InputError(f"model folder not found: {path}")
+    try:
+        return ByteModel.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"cannot read a model from {path}: {message}") from None
+
+
+# ---------------------------------------------------------------- the report
+
+
+def build_report(model: ByteModel, seq_len: int, batch_size: int, trained: bool) -> dict:
+    config = model.config
+    counts = parameter_counts(model)
+    flops = flops_per_token(config, seq_len)
+    report = {
+        "config": {key: getattr(config, key) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                         "num_hidden_layers", "num_attention_heads",
+                                                         "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                                                         "max_position_embeddings")},
+        "parameters": counts,
+        "seq_len": seq_len, "batch_size": batch_size,
+        "flops_per_token": {**flops, "total": sum(flops.values())},
+        "flops_per_sequence": sum(flops.values()) * seq_len,
+        "training_memory": training_memory(config, counts["total"], seq_len, batch_size),
+        "inference_memory": inference_memory(config, counts["total"],
+                                             sorted({256, 1024, 4096, config.max_position_embeddings})),
+    }
+    if trained:
+        report["weights"] = weight_statistics(model)
+    return report
+
+
+def human(value: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+def mebibytes(value: float) -> str:
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def write_plots(report: dict, name: str, plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    components = report["parameters"]["by_component"]
+    left.bar(list(components), [value / 1e6 for value in components.values()], color="#4c72b0")
+    left.set_ylabel("parameters (M)")
+    left.set_title("parameters by component")
+    per_layer = report["parameters"]["per_layer"]
+    bottom = [0.0] * len(per_layer)
+    for component, colour in (("attention", "#4c72b0"), ("mlp", "#dd8452"), ("norms", "#55a868")):
+        values = [layer[component] / 1e6 for layer in per_layer]
+        right.bar(range(len(per_layer)), values, bottom=bottom, label=component, color=colour)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    right.set_xlabel("layer")
+    right.set_ylabel("parameters (M)")
+    right.set_title("parameters per layer")
+    right.legend()
+    figure.tight_layout()
+    written.append(_save(figure, plots / f"{name}_parameters.png"))
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    memory = report["training_memory"]
+    parts = ("weights", "gradients", "adamw_states", "activations")
+    labels = [f"{precision}\n{mode}" for precision in memory for mode in ("full", "checkpointed")]
+    bottom = [0.0] * len(labels)
+    for part, colour in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#c44e52")):
+        values = []
+        for precision in memory:
+            for mode in ("full", "checkpointed"):
+                key = part if part != "activations" or mode == "full" else "activations_checkpointed"
+                values.append(memory[precision][key] / 2**20)
+        left.bar(labels, values, bottom=bottom, label=part, color=colour)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    left.set_ylabel("MiB")
+    left.set_title(f"training memory (batch {report['batch_size']} x {report['seq_len']})")
+    left.legend(fontsize=8)
+    inference = report["inference_memory"]
+    right.plot([row["context"] for row in inference], [row["total"] / 2**20 for row in inference], marker="o",
+               label="weights + KV cache")
+    right.plot([row["context"] for row in inference], [row["weights"] / 2**20 for row in inference], linestyle="--",
+               label="weights")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("context length (tokens)")
+    right.set_ylabel("MiB (bf16, batch 1)")
+    right.set_title("inference memory")
+    right.legend()
+    figure.tight_layout()
+    written.append(_save(figure, plots / f"{name}_memory.png"))
+
+    if "weights" in report:
+        weights = report["weights"]
+        figure, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(weights["norms"]) + 2.5))
+        for axis, key, title in ((axes[0], "norms", "weight norm"),
+                                 (axes[1], "near_zero_fraction", f"fraction |w| < {NEAR_ZERO:g}")):
+            image = axis.imshow(weights[key], aspect="auto", cmap="viridis")
+            axis.set_xticks(range(len(weights["matrices"])), weights["matrices"], rotation=45, ha="right")
+            axis.set_yticks(range(len(weights[key])))
+            axis.set_ylabel("layer")
+            axis.set_title(title)
+            figure.colorbar(image, ax=axis)
+        figure.tight_layout()
+        written.append(_save(figure, plots / f"{name}_weights.png"))
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown(report: dict, name: str, source: str, plots: list[Path], out_dir: Path) -> str:
+    counts = report["parameters"]
+    lines = [f"# Model report: {name}", "", f"Source: `{source}`", "",
+             "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in report["config"].items()]
+    lines += ["", "## Parameters", "", "| | count |", "|---|---|",
+              f"| total | {counts['total']:,} |", f"| trainable | {counts['trainable']:,} |",
+              f"| embedding | {counts['embedding']:,} |", f"| non-embedding | {counts['non_embedding']:,} |"]
+    lines += [f"| {component} | {count:,} |" for component, count in counts["by_component"].items()]
+    lines += ["", "| layer | attention | mlp | norms |", "|---|---|---|---|"]
+    lines += [f"| {index} | {layer['attention']:,} | {layer['mlp']:,} | {layer['norms']:,} |"
+              for index, layer in enumerate(counts["per_layer"])]
+    flops = report["flops_per_token"]
+    lines += ["", f"## Training FLOPs (forward + backward), sequence length {report['seq_len']}", "",
+              "| component | per token | share |", "|---|---|---|"]
+    lines += [f"| {component} | {human(value)} | {value / flops['total']:.1%} |"
+              for component, value in flops.items() if component != "total"]
+    lines += [f"| total | {human(flops['total'])} | |", "",
+              f"Per sequence of {report['seq_len']} tokens: {human(report['flops_per_sequence'])}FLOP. "
+              "Attention scores count the full square, as PyTorch's FlopCounterMode does."]
+    lines += ["", f"## Training memory (estimate, batch {report['batch_size']} x {report['seq_len']} tokens)", "",
+              "| precision | weights | gradients | AdamW | activations | total | activations (checkpointed) "
+              "| total (checkpointed) |", "|---|---|---|---|---|---|---|---|"]
+    for precision, row in report["training_memory"].items():
+        lines.append(f"| {precision} | {mebibytes(row['weights'])} | {mebibytes(row['gradients'])} | "
+                     f"{mebibytes(row['adamw_states'])} | {mebibytes(row['activations'])} | "
+                     f"{mebibytes(row['total'])} | {mebibytes(row['activations_checkpointed'])} | "
+                     f"{mebibytes(row['total_checkpointed'])} |")
+    lines += ["", "## Inference memory (bf16, batch 1)", "", "| context | weights | KV cache | total |",
+              "|---|---|---|---|"]
+    lines += [f"| {row['context']} | {mebibytes(row['weights'])} | {mebibytes(row['kv_cache'])} | "
+              f"{mebibytes(row['total'])} |" for row in report["inference_memory"]]
+    if "weights" in report:
+        weights = report["weights"]
+        lines += ["", "## Weights", "", "| layer | " + " | ".join(weights["matrices"]) + " |",
+                  "|---|" + "---|" * len(weights["matrices"])]
+        lines += [f"| {index} | " + " | ".join(f"{norm:.2f} ({zero:.1%})" for norm, zero in zip(norms, zeros)) + " |"
+                  for index, (norms, zeros) in enumerate(zip(weights["norms"], weights["near_zero_fraction"]))]
+        lines += ["", f"Frobenius norm (fraction of entries with |w| < {NEAR_ZERO:g})."]
+    lines += [""] + [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in plots] + [""]
+    return "\n".join(lines)
+
+
+def print_summary(report: dict, name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts, flops = report["parameters"], report["flops_per_token"]
+    table = Table(title=f"{name}: {counts['total'] / 1e6:.2f}M parameters")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("training FLOPs/token", justify="right")
+    for component, count in counts["by_component"].items():
+        table.add_row(component, f"{count:,}", human(flops.get(component, 0.0)))
+    table.add_row("total", f"{counts['total']:,}", human(flops["total"]))
+    console = Console()
+    console.print(table)
+    fp32 = report["training_memory"]["fp32"]
+    console.print(f"training memory (fp32, batch {report['batch_size']} x {report['seq_len']}): "
+                  f"{mebibytes(fp32['total'])}, with gradient checkpointing {mebibytes(fp32['total_checkpointed'])}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", help="a training config; its model section is reported "
+                                         "(default: configs/model_pretrain.yaml)")
+    source.add_argument("--model", help="a saved model folder (final/, best/ or a checkpoint step folder)")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs and memory "
+                                                                   "(default: the config's data.seq_len, or 1024)")
+    parser.add_argument("--batch-size", type=int, default=8, help="micro-batch for the training memory estimate")
+    parser.add_argument("--out", default="model_info", help="folder of the report (plots go to OUT/plots)")
+    parser.add_argument("--name", help="report name (default: from the config or model folder)")
+    args = parser.parse_args(argv)
+
+    if args.model:
+        path = Path(args.model)
+        model, trained = load_model(path), True
+        name = args.name or (path.parent.name + "_" + path.name if path.name in ("final", "best") else path.name)
+        seq_len = args.seq_len or 1024
+    else:
+        path = Path(args.config or "configs/model_pretrain.yaml")
+        config = config_from_yaml(path)
+        with torch.device("meta"):  # counting needs shapes only: no memory, no init time
+            model = ByteModel(config)
+        trained = False
+        name = args.name or path.stem
+        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
+        seq_len = args.seq_len or data.get("seq_len", 1024)
+    if seq_len < 1 or args.batch_size < 1:
+        raise InputError("--seq-len and --batch-size must be positive")
+    report = build_report(model, seq_len, args.batch_size, trained)
+    out_dir = Path(args.out)
+    plots = write_plots(report, name, out_dir / "plots")
+    report_path = out_dir / f"{name}_report.md"
+    report_path.write_text(markdown(report, name, str(path), plots, out_dir), encoding="utf-8")
+    (out_dir / f"{name}_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print_summary(report, name)
+    print(f"report written to {report_path}")
+    return report_path
+
+
+if __name__ == "__main__":
+    exit_on_input_error(main)()
