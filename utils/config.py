@@ -233,7 +233,6 @@ class DataSection:
     seq_len: int = 256
     cache_dir: str = ".cache/data"
     strict: bool = False
-    streaming: bool = False
     num_workers: int = 0
 
 
