@@ -300,3 +300,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, cache_dir):
     assert [row["step"] for row in train_rows(out_dir)] == list(range(1, stopped_at + 3))
     assert (out_dir / "final" / "model.safetensors").is_file()
     assert (out_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 2}"
+
+
+def test_bad_data_with_two_processes_exits_2_on_every_rank(tmp_path):
+    # Rank 0 builds the data cache first; its error must reach rank 1 instead of leaving it waiting at a barrier.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "model_pretrain.py", "--data.train_files", str(tmp_path / "absent.jsonl"),
+               "--train.out_dir", str(tmp_path / "out"), "--logging.swanlab_mode", "disabled"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0
+    assert result.stderr.count("error: data file not found") == 2, result.stderr[-2000:]
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr

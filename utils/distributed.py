@@ -50,6 +50,26 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
+def main_first(function, context: DistributedContext, expected_errors: tuple = (ValueError,)):
+    """Run `function` on rank 0, then on the other ranks (for work that fills a cache the others then read).
+    If it fails on rank 0 with one of `expected_errors`, every rank raises that error instead of waiting for a
+    rank 0 that is gone."""
+    result, message = None, None
+    if context.is_main:
+        try:
+            result = function()
+        except expected_errors as error:
+            message = (type(error), str(error))
+    if context.is_distributed:
+        shared = [message]
+        dist.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if message is not None:
+        error_type, text = message
+        raise error_type(text)
+    return result if context.is_main else function()
+
+
 def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     if context.is_distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -88,8 +108,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def teardown(context: DistributedContext) -> None:
-    """Barrier, then destroy the process group (callers drop model and optimizer references first)."""
+def teardown(context: DistributedContext, wait: bool = True) -> None:
+    """Barrier (unless `wait` is false, after a failure), then destroy the process group; callers drop model and
+    optimizer references first."""
     if context.is_distributed and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

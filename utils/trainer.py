@@ -26,7 +26,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from model import ByteModel, ByteModelConfig
 from utils.checkpoint import CheckpointManager, set_rng_state
 from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
-from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, teardown,
+from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
                                unwrap_model, wrap_model)
 from utils.logger import get_logger, setup_logger
 from utils.metrics import perplexity
@@ -256,6 +256,7 @@ class Trainer:
         config = self.config
         self.context = context = init_distributed(config.train.device)
         out_dir = Path(config.train.out_dir)
+        failed = False
         log = setup_logger(out_dir / "train.log", context.rank)
         transformers_logging.disable_progress_bar()  # per-file save/load bars would drown the training log
         try:
@@ -270,12 +271,8 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
 
             # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
-            if context.is_main:
-                datasets = self.make_datasets(tokenizer, config, log.info)
-            barrier(context)
-            if not context.is_main:
-                datasets = self.make_datasets(tokenizer, config, log.info)
-            self.train_dataset, val_dataset, self.collate = datasets
+            self.train_dataset, val_dataset, self.collate = main_first(
+                lambda: self.make_datasets(tokenizer, config, log.info), context, (InputError,))
 
             model = self.build_model(tokenizer).to(context.device)
             num_parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -328,11 +325,16 @@ class Trainer:
             del forward_model, wrapped, model, optimizer
             return summary
         except torch.OutOfMemoryError:
+            failed = True
             raise InputError("out of memory: lower train.micro_batch_size (raise train.grad_accum_steps to keep the "
                              "batch), lower data.seq_len, set train.gradient_checkpointing=true, or use "
                              "train.precision=bf16 or train.strategy=fsdp") from None
+        except BaseException:
+            failed = True
+            raise
         finally:
-            teardown(context)
+            # After a failure the other ranks may never reach a barrier: leave without waiting for them.
+            teardown(context, wait=not failed)
 
     def loop(self, forward_model, model, optimizer, scheduler, checkpoints, metrics, stop, state, total_steps,
              dtype, val_dataset, flops_per_token, peak_flops) -> dict:
