@@ -22,6 +22,7 @@ from torch import nn  # noqa: E402
 
 from model import ByteModel, ByteModelConfig  # noqa: E402
 from utils.config import InputError, ModelSection, build_config, exit_on_input_error  # noqa: E402
+from utils.trainer import model_config_from  # noqa: E402
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -67,8 +68,8 @@ def parameter_counts(model: nn.Module) -> dict:
 def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward = 3 x forward), by component, counting a multiply-add as 2.
 
-    Attention scores and values are counted over the full seq_len x seq_len square, as PyTorch's FlopCounterMode
-    counts SDPA; a causal kernel skips about half of that work."""
+    Attention scores and values are counted over the full seq_len x seq_len square, as FlopCounterMode counts
+    SDPA's math backend (it does not see the CPU flash kernel at all); a causal kernel skips about half of it."""
     hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
                                          config.num_key_value_heads, config.head_dim)
     layers = config.num_hidden_layers
@@ -125,7 +126,8 @@ def weight_statistics(model: nn.Module) -> dict[str, list]:
 # ---------------------------------------------------------------- loading
 
 
-def config_from_yaml(path: Path) -> ByteModelConfig:
+def config_from_yaml(path: Path) -> tuple[ByteModelConfig, int]:
+    """The model a training config describes, and its data.seq_len (1024 when absent)."""
     if not path.is_file():
         raise InputError(f"config file not found: {path}")
     try:
@@ -134,14 +136,19 @@ def config_from_yaml(path: Path) -> ByteModelConfig:
         raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
         raise InputError(f"{path}: no 'model' section")
-    section = build_config(_ModelOnly, {"model": values["model"]}).model
-    vocab_size = _tokenizer_vocab_size(values.get("data", {}).get("tokenizer", "tokenizer"), path)
-    fields = {key: value for key, value in vars(section).items()
-              if key != "init_from" and (value is not None or key == "intermediate_size")}
+    data = values.get("data") or {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: section 'data' must be a mapping")
     try:
-        return ByteModelConfig(vocab_size=vocab_size, **fields)
-    except ValueError as error:
-        raise InputError(f"{path}: model: {error}") from None
+        section = build_config(_ModelOnly, {"model": values["model"]}).model
+        tokenizer = data.get("tokenizer", "tokenizer")
+        config = model_config_from(section, vocab_size=_tokenizer_vocab_size(str(tokenizer), path))
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
+    seq_len = data.get("seq_len", 1024)
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise InputError(f"{path}: data.seq_len must be a positive integer, got {seq_len!r}")
+    return config, seq_len
 
 
 @dataclass
@@ -363,22 +370,23 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", help="report name (default: from the config or model folder)")
     args = parser.parse_args(argv)
 
+    if args.seq_len is not None and args.seq_len < 1 or args.batch_size < 1:
+        raise InputError("--seq-len and --batch-size must be positive")
     if args.model:
         path = Path(args.model)
         model, trained = load_model(path), True
-        name = args.name or (path.parent.name + "_" + path.name if path.name in ("final", "best") else path.name)
+        folder = path.resolve()
+        name = args.name or (f"{folder.parent.name}_{folder.name}" if folder.name in ("final", "best")
+                             else folder.name)
         seq_len = args.seq_len or 1024
     else:
         path = Path(args.config or "configs/model_pretrain.yaml")
-        config = config_from_yaml(path)
+        config, config_seq_len = config_from_yaml(path)
         with torch.device("meta"):  # counting needs shapes only: no memory, no init time
             model = ByteModel(config)
         trained = False
         name = args.name or path.stem
-        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
-        seq_len = args.seq_len or data.get("seq_len", 1024)
-    if seq_len < 1 or args.batch_size < 1:
-        raise InputError("--seq-len and --batch-size must be positive")
+        seq_len = args.seq_len or config_seq_len
     report = build_report(model, seq_len, args.batch_size, trained)
     out_dir = Path(args.out)
     plots = write_plots(report, name, out_dir / "plots")

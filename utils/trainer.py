@@ -54,13 +54,18 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def model_config_from(section: ModelSection, tokenizer) -> ByteModelConfig:
-    """The config's model section plus what the tokenizer decides: vocabulary size and special token ids."""
+def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None) -> ByteModelConfig:
+    """The config's model section plus what the tokenizer decides: vocabulary size and special token ids (or
+    just `vocab_size`, where only the shapes matter)."""
     fields = {key: value for key, value in dataclasses.asdict(section).items()
               if key != "init_from" and (value is not None or key == "intermediate_size")}
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    elif vocab_size is not None:
+        fields["vocab_size"] = vocab_size
     try:
-        return ByteModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **fields)
+        return ByteModelConfig(**fields)
     except ValueError as error:
         raise InputError(f"model: {error}") from None
 

@@ -1,0 +1,558 @@
+"""utils/model_info.py: parameter counts, FLOPs, memory estimates and weight statistics checked against the model
+itself (and PyTorch's FlopCounterMode), the report it writes, and the script's input errors in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import tiny_config
+from model import ByteModel, ByteModelConfig
+from utils.config import InputError
+from utils.model_info import (COMPONENTS, config_from_yaml, flops_per_token, inference_memory, load_model, main,
+                              parameter_counts, training_memory, weight_statistics)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN_CONFIG = ROOT / "configs" / "model_pretrain.yaml"
+MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PNG = b"\x89PNG\r\n\x1a\n"
+TIMEOUT = 180
+
+# Tied and untied, GQA and MHA, the optional LayerScale / parallel residual, and a head_dim that is not
+# hidden / heads (so the closed forms have to use head_dim, not hidden).
+COUNT_CONFIGS = {
+    "untied_gqa": dict(),
+    "tied_gqa": dict(tie_word_embeddings=True),
+    "untied_mha": dict(num_key_value_heads=4),
+    "layer_scale": dict(layer_scale_init=1e-4),
+    "parallel_residual": dict(parallel_residual=True, tie_word_embeddings=True),
+    "layer_scale_parallel": dict(layer_scale_init=1e-4, parallel_residual=True),
+    "wide_heads": dict(head_dim=32, num_hidden_layers=3),
+}
+
+
+def build(**overrides) -> ByteModel:
+    torch.manual_seed(0)
+    return ByteModel(tiny_config(**overrides))
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("overrides", COUNT_CONFIGS.values(), ids=COUNT_CONFIGS.keys())
+def test_parameter_counts_match_the_model_and_the_closed_forms(overrides):
+    model = build(**overrides)
+    config = model.config
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    counts = parameter_counts(model)
+
+    assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    assert counts["trainable"] == counts["total"]
+    assert set(counts["by_component"]) == set(COMPONENTS)
+    assert sum(counts["by_component"].values()) == counts["total"]
+    assert counts["embedding"] == counts["by_component"]["embeddings"] == vocab * hidden
+    assert counts["non_embedding"] == counts["total"] - vocab * hidden
+    tied = config.tie_word_embeddings
+    assert counts["by_component"]["lm_head"] == (0 if tied else vocab * hidden)
+
+    attention = hidden * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    mlp = 3 * hidden * config.intermediate_size
+    layer_norms = 2 * hidden + (2 * hidden if config.layer_scale_init is not None else 0)  # + LayerScale gammas
+    assert len(counts["per_layer"]) == layers
+    for layer in counts["per_layer"]:
+        assert layer == {"attention": attention, "mlp": mlp, "norms": layer_norms}
+    assert counts["by_component"]["attention"] == layers * attention
+    assert counts["by_component"]["mlp"] == layers * mlp
+    assert counts["by_component"]["norms"] == layers * layer_norms + hidden  # + the final norm
+    # The whole model from the closed forms alone.
+    assert counts["total"] == vocab * hidden * (1 if tied else 2) + layers * (attention + mlp + layer_norms) + hidden
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_drops_by_exactly_the_frozen_count(tied):
+    model = build(tie_word_embeddings=tied)
+    total = parameter_counts(model)["total"]
+    frozen = [model.model.embed_tokens.weight, model.model.layers[0].mlp.up_proj.weight,
+              model.model.layers[1].self_attn.k_proj.weight, model.model.norm.weight]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    frozen_count = sum(p.numel() for p in frozen)
+    assert frozen_count == 128 * 64 + 64 * 192 + 64 * 32 + 64
+    counts = parameter_counts(model)
+    assert counts["total"] == total
+    assert counts["trainable"] == total - frozen_count
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_meta_device_model_counts_like_a_real_one(tied):
+    # main() counts a config's model on the meta device; that must not change any number (tying included).
+    config = tiny_config(tie_word_embeddings=tied)
+    with torch.device("meta"):
+        meta = ByteModel(config)
+    assert parameter_counts(meta) == parameter_counts(ByteModel(config))
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def counted_training_step(model: ByteModel, seq_len: int) -> FlopCounterMode:
+    """FLOPs of one fp32 forward + backward (batch 1, labels = input) as FlopCounterMode counts them.
+
+    The MATH SDPA backend is forced: on CPU the default kernel (aten._scaled_dot_product_flash_attention_for_cpu)
+    has no FLOP formula in FlopCounterMode, so it would count zero for the attention matrices. The math backend
+    decomposes SDPA into (b)mm's over the full seq_len x seq_len square, which is what flops_per_token counts."""
+    model.train()
+    input_ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False, depth=None)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(input_ids, labels=input_ids).loss.backward()
+    return counter
+
+
+FLOP_CASES = {
+    "untied_gqa_64": (dict(), 64),
+    "tied_mha_128": (dict(tie_word_embeddings=True, num_key_value_heads=4, max_position_embeddings=128), 128),
+    "untied_mha_layer_scale_parallel_96": (dict(num_key_value_heads=4, layer_scale_init=1e-4,
+                                                parallel_residual=True, max_position_embeddings=128), 96),
+    "tied_gqa_wide_heads_128": (dict(tie_word_embeddings=True, head_dim=32, max_position_embeddings=128), 128),
+}
+
+
+@pytest.mark.parametrize("overrides, seq_len", FLOP_CASES.values(), ids=FLOP_CASES.keys())
+def test_training_flops_match_flop_counter_mode(overrides, seq_len):
+    model = build(**overrides)
+    config = model.config
+    flops = flops_per_token(config, seq_len)
+    assert set(flops) == {"attention", "mlp", "lm_head"}
+    assert all(value > 0 for value in flops.values())
+
+    counter = counted_training_step(model, seq_len)
+    counted = counter.get_total_flops()
+    assert counted > 0
+    assert sum(flops.values()) * seq_len == pytest.approx(counted, rel=0.05)
+
+    # Split by kind of op: the linear layers are plain mm's, the attention matrices are the batched products.
+    by_op = {str(op): value for op, value in counter.get_flop_counts()["Global"].items()}
+    linear = sum(value for op, value in by_op.items() if op in ("aten.mm", "aten.addmm"))
+    attention_matrices = counted - linear
+    scores_and_values = 3 * config.num_hidden_layers * 2 * 2 * seq_len * config.num_attention_heads * config.head_dim
+    assert attention_matrices == pytest.approx(scores_and_values * seq_len, rel=0.05)
+    assert linear == pytest.approx((sum(flops.values()) - scores_and_values) * seq_len, rel=0.05)
+
+
+@pytest.mark.parametrize("overrides, seq_len", list(FLOP_CASES.values())[:2], ids=list(FLOP_CASES)[:2])
+def test_each_flop_component_matches_its_modules(overrides, seq_len):
+    """Per component: 3 x the forward FLOPs the counter attributes to the modules of that component. (Forward only:
+    FlopCounterMode attributes backward ops to whichever module hook fired last, which is not reliable per module.)"""
+    model = build(**overrides).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(1))
+    counter = FlopCounterMode(display=False, depth=None)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(input_ids)
+    counts = counter.get_flop_counts()
+
+    def forward_of(suffix: str) -> int:
+        return sum(sum(ops.values()) for module, ops in counts.items() if module.endswith(suffix))
+
+    flops = flops_per_token(model.config, seq_len)
+    assert 3 * forward_of(".self_attn") == pytest.approx(flops["attention"] * seq_len, rel=0.05)
+    assert 3 * forward_of(".mlp") == pytest.approx(flops["mlp"] * seq_len, rel=0.05)
+    assert 3 * forward_of("ByteModel.lm_head") == pytest.approx(flops["lm_head"] * seq_len, rel=0.05)
+    # The components cover the whole forward: nothing outside attention, MLP and LM head does FLOPs here.
+    assert 3 * counter.get_total_flops() == pytest.approx(sum(flops.values()) * seq_len, rel=0.05)
+
+
+def test_flops_grow_as_expected_with_sequence_length():
+    config = tiny_config()
+    short, long = flops_per_token(config, 64), flops_per_token(config, 128)
+    # Only the attention matrices depend on the sequence length, linearly per token.
+    assert long["mlp"] == short["mlp"] and long["lm_head"] == short["lm_head"]
+    per_token_per_position = 3 * config.num_hidden_layers * 2 * 2 * config.num_attention_heads * config.head_dim
+    assert long["attention"] - short["attention"] == 64 * per_token_per_position
+
+
+# ---------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("parameters", [1, 106_816, 4_600_000])
+def test_training_memory_states_follow_the_parameter_count(parameters):
+    config = tiny_config(num_hidden_layers=4)
+    rows = training_memory(config, parameters, seq_len=256, batch_size=8)
+    assert set(rows) == {"fp32", "bf16"}
+    for row in rows.values():
+        assert row["weights"] == 4 * parameters
+        assert row["gradients"] == 4 * parameters
+        assert row["adamw_states"] == 8 * parameters
+        states = 16 * parameters
+        assert row["total"] == states + row["activations"]
+        assert row["total_checkpointed"] == states + row["activations_checkpointed"]
+        assert 0 < row["activations_checkpointed"] < row["activations"]
+    assert rows["bf16"]["activations"] < rows["fp32"]["activations"]
+    assert rows["bf16"]["activations_checkpointed"] < rows["fp32"]["activations_checkpointed"]
+    assert rows["bf16"]["total"] < rows["fp32"]["total"]
+
+
+def test_training_activations_scale_with_tokens_and_depth():
+    config = tiny_config(num_hidden_layers=4)
+    base = training_memory(config, 1000, seq_len=128, batch_size=2)
+    for precision in ("fp32", "bf16"):
+        for key in ("activations", "activations_checkpointed"):
+            value = base[precision][key]
+            # A fused attention kernel stores no seq x seq matrix: activations are linear in the token count.
+            assert training_memory(config, 1000, 128, 4)[precision][key] == pytest.approx(2 * value)
+            assert training_memory(config, 1000, 256, 2)[precision][key] == pytest.approx(2 * value)
+        deeper = training_memory(tiny_config(num_hidden_layers=8), 1000, 128, 2)[precision]
+        assert deeper["activations"] > base[precision]["activations"]
+        # Checkpointing saves more the deeper the model.
+        assert (deeper["activations"] - deeper["activations_checkpointed"]
+                > base[precision]["activations"] - base[precision]["activations_checkpointed"])
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_key_value_heads=4), dict(head_dim=32, num_hidden_layers=3)],
+                         ids=["gqa", "mha", "wide_heads"])
+def test_inference_memory_kv_cache_closed_form_and_linear_in_context(overrides):
+    config = tiny_config(**overrides)
+    parameters = 123_456
+    contexts = [1, 256, 512, 1024, 4096]
+    per_token_bf16 = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    rows = inference_memory(config, parameters, contexts)  # bf16 by default
+    assert [row["context"] for row in rows] == contexts
+    for row in rows:
+        assert row["weights"] == 2 * parameters
+        assert row["kv_cache"] == per_token_bf16 * row["context"]
+        assert row["total"] == row["weights"] + row["kv_cache"]
+    assert rows[3]["kv_cache"] == 2 * rows[2]["kv_cache"] == 4 * rows[1]["kv_cache"]
+
+    fp32 = inference_memory(config, parameters, contexts, precision="fp32")
+    assert [row["kv_cache"] for row in fp32] == [2 * row["kv_cache"] for row in rows]
+    assert all(row["weights"] == 4 * parameters for row in fp32)
+    batched = inference_memory(config, parameters, contexts, batch_size=3)
+    assert [row["kv_cache"] for row in batched] == [3 * row["kv_cache"] for row in rows]
+    assert [row["weights"] for row in batched] == [row["weights"] for row in rows]
+
+
+@pytest.mark.parametrize("context", [17, 48])
+def test_inference_kv_cache_matches_a_real_bf16_cache(context):
+    model = build().eval().to(torch.bfloat16)
+    input_ids = torch.randint(0, 128, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids, use_cache=True).past_key_values
+    stored = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                 for layer in cache.layers)
+    [row] = inference_memory(model.config, parameter_counts(model)["total"], [context], precision="bf16")
+    assert row["kv_cache"] == stored
+    assert row["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- weight statistics
+
+
+@pytest.mark.parametrize("layer, matrix", [(0, "q_proj"), (1, "v_proj"), (2, "down_proj")])
+def test_weight_statistics_single_out_a_zeroed_matrix(layer, matrix):
+    model = build(num_hidden_layers=3)
+    module = getattr(model.model.layers[layer].self_attn, matrix, None) or getattr(model.model.layers[layer].mlp,
+                                                                                   matrix)
+    with torch.no_grad():
+        module.weight.zero_()
+    stats = weight_statistics(model)
+    assert stats["matrices"] == list(MATRICES)
+    assert len(stats["norms"]) == len(stats["near_zero_fraction"]) == 3
+    column = MATRICES.index(matrix)
+    for index, decoder_layer in enumerate(model.model.layers):
+        assert len(stats["norms"][index]) == len(stats["near_zero_fraction"][index]) == len(MATRICES)
+        for position, name in enumerate(MATRICES):
+            norm, near_zero = stats["norms"][index][position], stats["near_zero_fraction"][index][position]
+            if (index, position) == (layer, column):
+                assert norm == 0.0
+                assert near_zero == 1.0
+                continue
+            owner = decoder_layer.self_attn if hasattr(decoder_layer.self_attn, name) else decoder_layer.mlp
+            weight = getattr(owner, name).weight.detach()
+            assert norm == pytest.approx(torch.linalg.norm(weight).item(), rel=1e-5)
+            assert norm > 0
+            assert near_zero == pytest.approx((weight.abs() < 1e-3).float().mean().item())
+            assert near_zero < 0.5  # N(0, 0.02) init: only a few percent of entries are that small
+
+
+def test_weight_statistics_count_near_zero_entries_exactly():
+    model = build()
+    weight = model.model.layers[0].mlp.gate_proj.weight  # 192 x 64
+    with torch.no_grad():
+        weight.fill_(0.5)
+        weight[:48] = 1e-4  # a quarter of the rows: below the 1e-3 threshold
+    stats = weight_statistics(model)
+    column = MATRICES.index("gate_proj")
+    assert stats["near_zero_fraction"][0][column] == pytest.approx(0.25)
+    assert stats["norms"][0][column] == pytest.approx((144 * 64 * 0.25 + 48 * 64 * 1e-8) ** 0.5, rel=1e-5)
+
+
+# ---------------------------------------------------------------- config and model loading
+
+
+def test_config_from_yaml_reads_the_model_section_and_the_tokenizer_vocabulary():
+    config, _ = config_from_yaml(PRETRAIN_CONFIG)
+    section = yaml.safe_load(PRETRAIN_CONFIG.read_text())["model"]
+    assert config.vocab_size == 6400
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(config, key) == section[key], key
+    assert section["intermediate_size"] is None
+    assert config.intermediate_size == 64 * ((8 * section["hidden_size"] // 3 + 63) // 64)
+
+
+def test_load_model_round_trips_a_saved_model(saved_model):
+    folder, original = saved_model
+    loaded = load_model(folder)
+    assert not loaded.training
+    assert parameter_counts(loaded) == parameter_counts(original)
+    for (name, a), (_, b) in zip(original.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- end to end (in process)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny, untied ByteModel saved with save_pretrained into <tmp>/m."""
+    model = build(num_hidden_layers=3, num_key_value_heads=4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    folder = tmp_path_factory.mktemp("saved") / "m"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def pretrain_reference_model() -> ByteModel:
+    """The model configs/model_pretrain.yaml describes, built independently of model_info: the model section plus
+    the repository tokenizer's vocabulary."""
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(ROOT / "tokenizer"))
+    assert vocab_size == 6400
+    section = yaml.safe_load(PRETRAIN_CONFIG.read_text())["model"]
+    return ByteModel(ByteModelConfig(vocab_size=vocab_size, **section))
+
+
+def test_main_with_a_config_writes_report_json_and_plots(tmp_path, capsys):
+    report_path = main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path)])
+    name = "model_pretrain"
+    assert report_path == tmp_path / f"{name}_report.md"
+    json_path = tmp_path / f"{name}_report.json"
+    plots = [tmp_path / "plots" / f"{name}_parameters.png", tmp_path / "plots" / f"{name}_memory.png"]
+    for path in (report_path, json_path, *plots):
+        assert path.is_file() and path.stat().st_size > 0, path
+    for plot in plots:
+        assert plot.read_bytes()[:8] == PNG
+    assert not (tmp_path / "plots" / f"{name}_weights.png").exists()  # no weights for an untrained config
+
+    report = json.loads(json_path.read_text())
+    reference = pretrain_reference_model()
+    total = sum(p.numel() for p in reference.parameters())
+    assert report["parameters"]["total"] == total
+    assert report["parameters"] == parameter_counts(reference)
+    assert report["config"]["vocab_size"] == 6400
+    assert report["config"]["tie_word_embeddings"] is True
+    assert report["parameters"]["by_component"]["lm_head"] == 0
+    assert report["seq_len"] == 256 and report["batch_size"] == 8  # data.seq_len of the config, default batch
+    assert report["flops_per_token"]["total"] == pytest.approx(sum(flops_per_token(reference.config, 256).values()))
+    assert report["flops_per_sequence"] == pytest.approx(report["flops_per_token"]["total"] * 256)
+    assert report["training_memory"]["fp32"]["weights"] == 4 * total
+    assert [row["context"] for row in report["inference_memory"]] == [256, 1024, 4096]
+    assert "weights" not in report
+
+    text = report_path.read_text()
+    assert f"{total:,}" in text and "," in f"{total:,}"
+    assert f"| total | {total:,} |" in text
+    assert f"](plots/{name}_parameters.png)" in text
+    assert f"](plots/{name}_memory.png)" in text
+    assert "## Weights" not in text
+    assert f"report written to {report_path}" in capsys.readouterr().out
+
+
+def test_main_options_seq_len_batch_size_and_name(tmp_path):
+    report_path = main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path), "--seq-len", "64",
+                        "--batch-size", "2", "--name", "custom"])
+    assert report_path == tmp_path / "custom_report.md"
+    report = json.loads((tmp_path / "custom_report.json").read_text())
+    assert report["seq_len"] == 64 and report["batch_size"] == 2
+    config, _ = config_from_yaml(PRETRAIN_CONFIG)
+    assert report["flops_per_token"]["total"] == pytest.approx(sum(flops_per_token(config, 64).values()))
+    assert report["training_memory"] == json.loads(json.dumps(
+        training_memory(config, report["parameters"]["total"], 64, 2)))
+    assert (tmp_path / "plots" / "custom_memory.png").stat().st_size > 0
+
+
+def test_main_with_a_saved_model_adds_weight_statistics(saved_model, tmp_path):
+    folder, model = saved_model
+    report_path = main(["--model", str(folder), "--out", str(tmp_path), "--seq-len", "32"])
+    assert report_path == tmp_path / "m_report.md"
+    plots = tmp_path / "plots"
+    for plot in ("m_parameters.png", "m_memory.png", "m_weights.png"):
+        assert (plots / plot).read_bytes()[:8] == PNG, plot
+
+    report = json.loads((tmp_path / "m_report.json").read_text())
+    total = sum(p.numel() for p in model.parameters())
+    assert report["parameters"]["total"] == total
+    assert report["parameters"]["by_component"]["lm_head"] == 128 * 64  # untied
+    assert report["seq_len"] == 32
+    weights = report["weights"]
+    assert weights["matrices"] == list(MATRICES)
+    assert len(weights["norms"]) == 3
+    down = MATRICES.index("down_proj")
+    assert weights["norms"][1][down] == 0.0 and weights["near_zero_fraction"][1][down] == 1.0
+    expected = weight_statistics(model)
+    for got_row, expected_row in zip(weights["norms"], expected["norms"]):
+        assert got_row == pytest.approx(expected_row, rel=1e-6)
+
+    text = report_path.read_text()
+    assert "## Weights" in text
+    assert f"| total | {total:,} |" in text
+    assert "](plots/m_weights.png)" in text
+    assert "| 1 | " in text and "0.00 (100.0%)" in text  # the zeroed down_proj of layer 1
+
+
+def test_main_names_final_and_best_folders_after_their_run(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path / "run7" / "final")
+    report_path = main(["--model", str(tmp_path / "run7" / "final"), "--out", str(tmp_path / "out"),
+                        "--seq-len", "16"])
+    assert report_path == tmp_path / "out" / "run7_final_report.md"
+    assert (tmp_path / "out" / "plots" / "run7_final_weights.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{missing}"], "config file not found"),
+    (["--model", "{missing}"], "model folder not found"),
+    (["--config", str(PRETRAIN_CONFIG), "--seq-len", "-3"], "must be positive"),
+    (["--config", str(PRETRAIN_CONFIG), "--batch-size", "0"], "must be positive"),
+])
+def test_main_raises_input_error(tmp_path, argv, message):
+    argv = [arg.replace("{missing}", str(tmp_path / "missing")) for arg in argv] + ["--out", str(tmp_path / "o")]
+    with pytest.raises(InputError, match=message):
+        main(argv)
+    assert not (tmp_path / "o").exists()
+
+
+# Bad values in an otherwise readable config are input errors too.
+
+def test_a_data_section_that_is_not_a_mapping_is_an_input_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_hidden_layers: 2\ndata: [a, b]\n")
+    with pytest.raises(InputError, match="section 'data' must be a mapping"):
+        config_from_yaml(path)
+    # An empty section means "all defaults", as in the training scripts.
+    path.write_text("model:\n  hidden_size: 64\n  num_hidden_layers: 2\ndata:\n")
+    config, seq_len = config_from_yaml(path)
+    assert config.hidden_size == 64 and seq_len == 1024
+
+
+def test_a_non_integer_data_seq_len_is_an_input_error(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_hidden_layers: 2\ndata:\n  seq_len: abc\n")
+    with pytest.raises(InputError):
+        main(["--config", str(path), "--out", str(tmp_path / "o")])
+
+
+def test_seq_len_zero_is_rejected(tmp_path):
+    with pytest.raises(InputError, match="must be positive"):
+        main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path), "--seq-len", "0"])
+
+
+# ---------------------------------------------------------------- the script, in subprocesses
+
+
+def environment() -> dict[str, str]:
+    # No PYTHONPATH: running utils/model_info.py as a script must find the repository's packages by itself.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory, saved_model):
+    """Run every command-line case at once (each process mostly pays the torch/transformers import; in parallel
+    they share the cores), then hand back name -> (exit code, stdout, stderr, out dir)."""
+    root = tmp_path_factory.mktemp("script")
+    folder, _ = saved_model
+
+    truncated = root / "truncated"
+    build().save_pretrained(truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    garbage = root / "garbage_config"
+    build().save_pretrained(garbage)
+    (garbage / "config.json").write_text("this is { not json")
+    (root / "no_model.yaml").write_text("data:\n  seq_len: 64\ntrain:\n  max_steps: 3\n")
+    (root / "invalid.yaml").write_text("model:\n  hidden_size: [64\n  num_hidden_layers: 2\n")
+
+    cases = {
+        "default": [],
+        "missing_config": ["--config", str(root / "nope.yaml")],
+        "missing_model": ["--model", str(root / "nope")],
+        "truncated_weights": ["--model", str(truncated)],
+        "garbage_config_json": ["--model", str(garbage)],
+        "no_model_section": ["--config", str(root / "no_model.yaml")],
+        "invalid_yaml": ["--config", str(root / "invalid.yaml")],
+    }
+    started = {}
+    try:
+        for name, arguments in cases.items():
+            out_dir = root / f"out_{name}"
+            stdout, stderr = open(root / f"{name}.out", "w"), open(root / f"{name}.err", "w")
+            process = subprocess.Popen([sys.executable, "utils/model_info.py", *arguments, "--out", str(out_dir)],
+                                       cwd=ROOT, env=environment(), stdout=stdout, stderr=stderr)
+            stdout.close()
+            stderr.close()
+            started[name] = (process, out_dir)
+        results = {}
+        for name, (process, out_dir) in started.items():
+            code = process.wait(timeout=TIMEOUT)
+            results[name] = (code, (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text(), out_dir)
+        return results
+    finally:
+        for process, _ in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_script_runs_with_no_arguments(script_runs):
+    code, stdout, stderr, out_dir = script_runs["default"]
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    report = out_dir / "model_pretrain_report.md"
+    assert f"report written to {report}" in stdout
+    for path in (report, out_dir / "model_pretrain_report.json", out_dir / "plots" / "model_pretrain_parameters.png",
+                 out_dir / "plots" / "model_pretrain_memory.png"):
+        assert path.is_file() and path.stat().st_size > 0, path
+    total = json.loads((out_dir / "model_pretrain_report.json").read_text())["parameters"]["total"]
+    assert total == parameter_counts(pretrain_reference_model())["total"]
+    assert f"{total:,}" in stdout  # the printed summary table
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_config", "config file not found"),
+    ("missing_model", "model folder not found"),
+    ("truncated_weights", "cannot read a model from"),
+    ("garbage_config_json", "cannot read a model from"),
+    ("no_model_section", "no 'model' section"),
+    ("invalid_yaml", "invalid YAML"),
+])
+def test_script_input_errors_are_one_line_and_exit_2(script_runs, case, message):
+    code, stdout, stderr, out_dir = script_runs[case]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert not out_dir.exists()  # nothing written for a failed run
