@@ -189,9 +189,11 @@ class Trainer:
     """`make_datasets(tokenizer, config, context, log)` returns (train dataset, validation dataset or None,
     collate function or None); batches are dicts of model inputs with `labels` or `shift_labels`."""
 
-    def __init__(self, config: TrainingConfig, make_datasets: Callable[..., tuple[Dataset, Dataset | None, Any]]):
+    def __init__(self, config: TrainingConfig, make_datasets: Callable[..., tuple[Dataset, Dataset | None, Any]],
+                 chat_sample: bool = False):
         self.config = config
         self.make_datasets = make_datasets
+        self.chat_sample = chat_sample  # render the closing sample prompt as a user turn of the chat template
         self.check_config()
 
     def check_config(self) -> None:
@@ -509,9 +511,14 @@ class Trainer:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         prompt = self.config.logging.sample_prompt
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        if self.chat_sample and tokenizer.chat_template:
+            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+        else:
+            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         torch.manual_seed(self.config.train.seed)
         with torch.no_grad():
             output = model.generate(**inputs, do_sample=True, max_new_tokens=self.config.logging.sample_tokens)
-        text = tokenizer.decode(output[0], skip_special_tokens=True)
+        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:] if self.chat_sample else output[0],
+                                skip_special_tokens=True)
         get_logger().info(f"sample: {text!r}")

@@ -1,0 +1,84 @@
+"""scripts/chat.py: one-shot answers stop at the end-of-sequence token; bad input exits 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from helpers import tiny_config
+from model import ByteModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import chat  # noqa: E402
+
+
+class ScriptedModel(ByteModel):
+    """Greedy decoding follows a fixed script of tokens, so the test knows exactly when EOS comes."""
+
+    script: list[int] = []
+
+    def forward(self, input_ids=None, **kwargs):
+        output = super().forward(input_ids=input_ids, **kwargs)
+        step = len(self.calls)
+        self.calls.append(input_ids.shape[1])
+        logits = torch.zeros_like(output.logits)
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 10.0
+        output.logits = logits
+        return output
+
+
+def scripted(tokenizer, script: list[int]) -> ScriptedModel:
+    config = tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    language_model = ScriptedModel(config).eval()
+    language_model.script, language_model.calls = script, []
+    return language_model
+
+
+def arguments(**overrides):
+    values = dict(temperature=0.0, top_k=50, top_p=0.9, repetition_penalty=1.0, max_new_tokens=50)
+    values.update(overrides)
+    return type("Args", (), values)()
+
+
+def test_reply_streams_and_stops_at_eos(capsys):
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    words = tokenizer.encode(" hello world", add_special_tokens=False)
+    language_model = scripted(tokenizer, words + [tokenizer.eos_token_id] + words * 10)
+    config = chat.generation_config(arguments(), tokenizer)
+    text = chat.reply(language_model, tokenizer, [{"role": "user", "content": "hi"}], config)
+    assert text == " hello world"
+    # prefill + one call per generated token up to and including EOS, then nothing more
+    assert len(language_model.calls) == len(words) + 1
+    assert capsys.readouterr().out.strip() == "hello world"
+
+
+def test_reply_respects_max_new_tokens_without_eos():
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    words = tokenizer.encode(" again", add_special_tokens=False)
+    language_model = scripted(tokenizer, words)
+    config = chat.generation_config(arguments(max_new_tokens=5), tokenizer)
+    text = chat.reply(language_model, tokenizer, [{"role": "user", "content": "hi"}], config)
+    assert tokenizer.encode(text, add_special_tokens=False) == words * 5
+
+
+def test_prompt_mode_end_to_end_and_bad_input(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    folder = tmp_path / "chat_model"
+    ByteModel(tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    command = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model", str(folder), "--prompt", "你好",
+               "--max-new-tokens", "7", "--temperature", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "you>" not in result.stdout
+    for bad in (["--model", str(tmp_path / "missing"), "--prompt", "x"],
+                ["--model", str(folder), "--prompt", "x", "--top-p", "0"]):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chat.py"), *bad], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
