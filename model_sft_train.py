@@ -2,12 +2,22 @@
 
 Starts from any causal LM folder (`model.init_from`: this project's pretraining `final/`, or a transformers Llama
 folder) and trains on chat conversations with loss on the assistant replies only. Same engine, CLI, checkpoints,
-resume and logging as `model_pretrain.py`.
+resume and logging as `model_pretrain.py`; with `lora.enabled` only low-rank adapters are trained. At the end the
+final model answers `eval.generation_samples` validation conversations, scored with BLEU, ROUGE and METEOR.
 """
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_pretrain import add_arguments
 from utils.config import TrainingConfig, exit_on_input_error, parse_config
-from utils.data import PadCollator, SFTDataset
+from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
+from utils.logger import get_logger
+from utils.metrics import generation_metrics
 from utils.trainer import Trainer
 
 
@@ -18,6 +28,39 @@ def sft_datasets(tokenizer, config: TrainingConfig, log):
     return train, val, PadCollator(tokenizer.pad_token_id)
 
 
+def prompts_and_references(files: list[str], limit: int) -> list[tuple[list[dict], str]]:
+    """Each usable conversation up to its last assistant turn (the prompt), and that turn (the reference)."""
+    pairs = []
+    for path in files:
+        for _, record in read_jsonl(path, DataIssues()):
+            turns, _, _ = conversation_turns(record)
+            if turns is None:
+                continue
+            last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
+            pairs.append((turns[:last], turns[last]["content"]))
+            if len(pairs) == limit:
+                return pairs
+    return pairs
+
+
+@torch.no_grad()
+def evaluate_generation(folder: Path, files: list[str], samples: int, max_new_tokens: int) -> dict:
+    """Greedy replies of the model in `folder` to validation prompts, scored against the reference replies."""
+    language_model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    predictions, references = [], []
+    for prompt, reference in prompts_and_references(files, samples):
+        inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        output = language_model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        predictions.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        references.append(reference)
+    report = generation_metrics(predictions, references)
+    report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:5]]
+    return report
+
+
 @exit_on_input_error
 def main() -> None:
     config, arguments = parse_config(TrainingConfig, "configs/model_sft.yaml", __doc__.splitlines()[0],
@@ -25,6 +68,19 @@ def main() -> None:
     summary = Trainer(config, sft_datasets, chat_sample=True).fit(arguments.resume)
     if summary["reason"].endswith("in a row"):
         raise SystemExit(1)
+    out_dir = Path(config.train.out_dir)
+    samples = config.eval.generation_samples
+    if samples > 0 and config.data.val_files and (out_dir / "final").is_dir() and os.environ.get("RANK", "0") == "0":
+        report = evaluate_generation(out_dir / "final", config.data.val_files, samples, config.eval.generation_tokens)
+        (out_dir / "generation_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        row = {"step": summary["step"], **{key: report[key] for key in ("bleu", "rouge1", "rouge2", "rougeL",
+                                                                         "meteor", "num_samples")}}
+        with (out_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        meteor = f"{report['meteor']:.4f}" if report["meteor"] is not None else f"unavailable ({report['meteor_note']})"
+        get_logger().info(f"generation on {report['num_samples']} validation conversations: BLEU {report['bleu']:.4f}, "
+                          f"ROUGE-1/2/L {report['rouge1']:.4f}/{report['rouge2']:.4f}/{report['rougeL']:.4f}, "
+                          f"METEOR {meteor}")
 
 
 if __name__ == "__main__":

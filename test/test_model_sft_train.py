@@ -54,11 +54,15 @@ def test_fine_tunes_from_a_saved_model(tmp_path):
                "--train.max_steps", "12", "--train.micro_batch_size", "4", "--train.precision", "fp32",
                "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--eval.every_steps", "6", "--eval.patience", "0",
                "--checkpoint.every_steps", "6", "--logging.every_steps", "1", "--logging.swanlab_mode", "disabled",
-               "--logging.sample_tokens", "4"]
+               "--logging.sample_tokens", "4", "--eval.generation_samples", "3", "--eval.generation_tokens", "5"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    generation = json.loads((out_dir / "generation_eval.json").read_text())
+    assert generation["num_samples"] == 3 and 0 <= generation["bleu"] <= 1 and 0 <= generation["rougeL"] <= 1
+    assert rows[-1]["step"] == 12 and rows[-1]["rouge1"] == generation["rouge1"]
+    assert "BLEU" in result.stderr and "METEOR" in result.stderr
     losses = [row["loss"] for row in rows if "loss" in row]
     evals = [row["val_loss"] for row in rows if "val_loss" in row]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -68,3 +72,64 @@ def test_fine_tunes_from_a_saved_model(tmp_path):
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
     assert AutoTokenizer.from_pretrained(out_dir / "final").chat_template
     assert "sample:" in result.stderr
+
+
+def lora_config(source: Path, out_dir: Path, **train):
+    from utils.config import TrainingConfig, build_config
+
+    return build_config(TrainingConfig, {
+        "model": {"init_from": str(source)},
+        "data": {"train_files": [str(SFT_VAL)], "val_files": [str(SFT_VAL)], "tokenizer": str(source),
+                 "seq_len": 128},
+        "train": {"out_dir": str(out_dir), "max_steps": 6, "micro_batch_size": 4, "precision": "fp32", **train},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+        "checkpoint": {"every_steps": 3, "keep_last": 3},
+        "eval": {"every_steps": 3, "max_batches": 2},
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+        "lora": {"enabled": True, "rank": 4, "alpha": 8.0, "dropout": 0.0},
+    })
+
+
+def test_lora_trains_only_adapters_and_the_merge_equals_the_adapted_model(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    import model_sft_train
+    import utils.trainer
+
+    source = base_model(tmp_path / "base")
+    original = AutoModelForCausalLM.from_pretrained(source)
+    summary = model_sft_train.Trainer(lora_config(source, tmp_path / "a"), model_sft_train.sft_datasets,
+                                      chat_sample=True).fit()
+    assert summary["reason"] == "finished" and summary["step"] == 6
+    step = tmp_path / "a" / "checkpoints" / "step_6"
+    assert (step / "adapter_model.safetensors").is_file() and not (step / "model.safetensors").exists()
+    adapter = tmp_path / "a" / "final" / "adapter"
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source), adapter).eval()
+    # Only adapter weights were trained: every base weight equals the source model's.
+    base_state = adapted.get_base_model().state_dict()
+    for name, tensor in original.state_dict().items():
+        key = name.replace("q_proj.weight", "q_proj.base_layer.weight")
+        for projection in ("k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            key = key.replace(f"{projection}.weight", f"{projection}.base_layer.weight")
+        assert torch.equal(base_state[key], tensor), name
+    assert any(parameter.abs().sum() > 0 for name, parameter in adapted.named_parameters() if "lora_B" in name)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "final").eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(merged(ids).logits, original(ids).logits, atol=1e-4)
+
+    # Resuming a LoRA run from its adapter checkpoint continues exactly.
+    calls = {"count": 0}
+    original_any_rank = utils.trainer.any_rank
+
+    def stop_after_three(flag, context):
+        calls["count"] += 1
+        return True if calls["count"] == 4 else original_any_rank(flag, context)
+
+    monkeypatch.setattr(utils.trainer, "any_rank", stop_after_three)
+    config = lora_config(source, tmp_path / "b")
+    assert model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()["reason"] == "stopped by signal"
+    monkeypatch.setattr(utils.trainer, "any_rank", original_any_rank)
+    resumed = model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit("auto")
+    assert resumed["losses"] == summary["losses"][3:]

@@ -30,6 +30,10 @@ from utils.logger import get_logger
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -147,6 +151,17 @@ class CheckpointManager:
         barrier(self.context)
         return final
 
+    @staticmethod
+    def read_model_state(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint folder holds: the adapter of a peft model, else the full model (a tied
+        lm_head, which save_pretrained leaves out, is restored from the embedding)."""
+        if is_peft_model(model):
+            return load_file(folder / "adapter_model.safetensors")
+        state = load_file(folder / "model.safetensors")
+        if "lm_head.weight" not in state and model.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        return state
+
     def candidates(self, resume: str) -> list[Path]:
         if resume == "auto":
             latest = self.latest()
@@ -180,14 +195,19 @@ class CheckpointManager:
                 if reason:
                     raise InputError(f"incompatible config: {reason}")
                 trainer_state = json.loads((folder / "trainer_state.json").read_text())
-                model_state = load_file(folder / "model.safetensors")
-                if "lm_head.weight" not in model_state and unwrap_model(model).config.tie_word_embeddings:
-                    model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+                model_state = self.read_model_state(folder, unwrap_model(model))
                 optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
                 rng_states = torch.load(folder / "rng_state.pt", weights_only=False)
                 if len(rng_states) != self.context.world_size:
                     raise InputError(f"saved by {len(rng_states)} processes, this run has {self.context.world_size}")
-                set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+                if is_peft_model(unwrap_model(model)):
+                    from peft import set_peft_model_state_dict
+
+                    result = set_peft_model_state_dict(unwrap_model(model), model_state)
+                    if result.unexpected_keys:
+                        raise InputError(f"unexpected adapter weights {result.unexpected_keys[:3]}")
+                else:
+                    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
                 set_optimizer_state_dict(model, optimizer, optimizer_state,
                                          options=StateDictOptions(full_state_dict=True))
             except Exception as error:  # a damaged file can fail in many ways; each means "not usable"

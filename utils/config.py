@@ -275,6 +275,8 @@ class EvalSection:
     max_batches: int = 20
     patience: int = 0  # evaluations without improvement before stopping; 0 never stops early
     min_delta: float = 0.0
+    generation_samples: int = 0  # SFT: validation conversations answered by the final model for BLEU/ROUGE/METEOR
+    generation_tokens: int = 64
 
 
 @dataclass
@@ -287,6 +289,17 @@ class LoggingSection:
 
 
 @dataclass
+class LoraSection:
+    """Low-rank adapters through peft; checkpoints then hold only the adapters, final/ the merged model."""
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+
+
+@dataclass
 class TrainingConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -295,3 +308,4 @@ class TrainingConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraSection = field(default_factory=LoraSection)

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from model import ByteModel, ByteModelConfig
-from utils.checkpoint import CheckpointManager, set_rng_state
+from utils.checkpoint import CheckpointManager, is_peft_model, set_rng_state
 from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
 from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
                                unwrap_model, wrap_model)
@@ -36,7 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online", "disabled": "disabled"}
 # Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
-RESUME_KEYS = {"model": None, "data": ("train_files", "seq_len", "tokenizer"),
+RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer"),
                "train": ("micro_batch_size", "grad_accum_steps", "seed")}
 
 
@@ -212,6 +213,14 @@ class Trainer:
             raise InputError(f"train.max_steps must be >= 1 or null, got {config.train.max_steps}")
         if not 0 <= config.optim.min_lr <= config.optim.lr:
             raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
+        if config.lora.enabled:
+            if config.lora.rank < 1 or config.lora.alpha <= 0 or not 0 <= config.lora.dropout < 1:
+                raise InputError("lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
+            if not config.lora.target_modules:
+                raise InputError("lora.target_modules is empty")
+            if config.train.strategy == "fsdp":
+                raise InputError("LoRA runs with train.strategy=ddp (the adapters are small: sharding them gains "
+                                 "nothing)")
 
     # ------------------------------------------------------------------ set-up
 
@@ -220,12 +229,23 @@ class Trainer:
         if section.init_from:
             if not Path(section.init_from).is_dir():
                 raise InputError(f"model.init_from: folder not found: {section.init_from}")
-            return AutoModelForCausalLM.from_pretrained(section.init_from, dtype=torch.float32)
-        model_config = model_config_from(section, tokenizer)
-        if self.config.data.seq_len > model_config.max_position_embeddings:
-            raise InputError(f"data.seq_len={self.config.data.seq_len} exceeds "
-                             f"model.max_position_embeddings={model_config.max_position_embeddings}")
-        return ByteModel(model_config)
+            model = AutoModelForCausalLM.from_pretrained(section.init_from, dtype=torch.float32)
+        else:
+            model = ByteModel(model_config_from(section, tokenizer))
+        if self.config.data.seq_len > model.config.max_position_embeddings:
+            raise InputError(f"data.seq_len={self.config.data.seq_len} exceeds the model's "
+                             f"max_position_embeddings={model.config.max_position_embeddings}")
+        if self.config.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lora = self.config.lora
+            try:
+                model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                                         lora_dropout=lora.dropout,
+                                                         target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+            except ValueError as error:
+                raise InputError(f"lora: {str(error).splitlines()[0]}") from None
+        return model
 
     def check_resumable(self, saved: dict) -> str | None:
         current = config_to_dict(self.config)
@@ -283,6 +303,7 @@ class Trainer:
 
             model = self.build_model(tokenizer).to(context.device)
             num_parameters = sum(parameter.numel() for parameter in model.parameters())
+            trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
             if config.train.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
             self.sampler = ResumableSampler(len(self.train_dataset), context.rank, context.world_size,
@@ -300,8 +321,7 @@ class Trainer:
                 optimizer, min(config.optim.warmup_steps, total_steps), total_steps, min_lr=config.optim.min_lr)
             forward_model = torch.compile(wrapped) if config.train.compile else wrapped
 
-            flops_per_token = training_flops_per_token(unwrap_model(model).config, num_parameters,
-                                                       config.data.seq_len)
+            flops_per_token = training_flops_per_token(model.config, num_parameters, config.data.seq_len)
             peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             self.epoch = self.consumed = 0
             state = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "evals_without_improvement": 0,
@@ -318,7 +338,8 @@ class Trainer:
                 save_config(config, out_dir / "config.yaml")
             metrics = MetricsWriter(out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
                                     config_to_dict(config), state["step"] if resume is not None else None)
-            log.info(f"model: {num_parameters / 1e6:.2f}M parameters; {len(self.train_dataset)} training samples, "
+            log.info(f"model: {num_parameters / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
+                     f"{len(self.train_dataset)} training samples, "
                      f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
                      f"{context.world_size} process(es), {config.train.strategy}; device {context.device}")
             if saved_rng is not None:
@@ -491,11 +512,19 @@ class Trainer:
         state_dict = get_model_state_dict(model, options=FULL_STATE)
         if self.context.is_main:
             final, temporary = out_dir / "final", out_dir / ".tmp-final"
+            shutil.rmtree(temporary, ignore_errors=True)
             best = checkpoints.root / "best"
-            if best.is_dir():
-                source = AutoModelForCausalLM.from_pretrained(best)
-                state_dict = source.state_dict()
             plain = unwrap_model(model)
+            if best.is_dir():
+                state_dict = checkpoints.read_model_state(best, plain)
+            if is_peft_model(plain):
+                # The adapter on its own (final/adapter/), then the base with the adapter merged in (final/).
+                from peft import set_peft_model_state_dict
+
+                if best.is_dir():
+                    set_peft_model_state_dict(plain, state_dict)
+                plain.save_pretrained(temporary / "adapter")
+                plain, state_dict = plain.merge_and_unload(), None
             plain.generation_config = GenerationConfig(
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.8, top_p=0.9,
