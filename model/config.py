@@ -66,6 +66,19 @@ class ByteModelConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
+    def to_llama_config(self):
+        """The transformers `LlamaConfig` of the same dense architecture (features Llama lacks are not carried:
+        callers that export must refuse models using them)."""
+        from transformers import LlamaConfig
+
+        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                  "attention_bias", "attention_dropout", "mlp_bias", "hidden_act", "initializer_range", "use_cache",
+                  "bos_token_id", "eos_token_id", "pad_token_id")
+        # rope_theta written out in full: a missing one would otherwise take LlamaConfig's default.
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
+        return LlamaConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=rope)
+
     @property
     def rope_theta(self) -> float:
         return (self.rope_parameters or {}).get("rope_theta", self.default_theta)

@@ -13,20 +13,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
 from model import ByteModel, ByteModelConfig
-
-LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-                "tie_word_embeddings", "attention_bias", "mlp_bias")
-
 
 def build_models(config: ByteModelConfig) -> tuple[ByteModel, LlamaForCausalLM]:
     torch.manual_seed(0)
     byte_model = ByteModel(config)
-    llama_config = LlamaConfig(**{name: getattr(config, name) for name in LLAMA_FIELDS})
-    llama = LlamaForCausalLM._from_config(llama_config, attn_implementation="sdpa")
+    llama = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation="sdpa")
     llama.load_state_dict(byte_model.state_dict(), strict=True)
     return byte_model, llama
 

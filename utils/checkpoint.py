@@ -53,7 +53,8 @@ def _step(folder: Path) -> int:
     return int(folder.name[len("step_"):])
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file, then the folder, so a rename never publishes a folder whose files are still in flight."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
@@ -63,6 +64,20 @@ def _fsync_tree(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def publish_folder(temporary: Path, final: Path) -> None:
+    """Make a finished temporary folder `final`: fsync it, then rename; an existing `final` is replaced only
+    after the new one is in place, so some complete version exists at every moment."""
+    fsync_tree(temporary)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        temporary.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        temporary.rename(final)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -98,17 +113,6 @@ class CheckpointManager:
         folders = self.step_folders()
         return folders[0] if folders else None
 
-    def _publish(self, temporary: Path, final: Path) -> None:
-        _fsync_tree(temporary)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            temporary.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            temporary.rename(final)
-
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              config: dict) -> Path:
         """Collective: every rank calls it. Full (unsharded) states are gathered to CPU and written by rank 0."""
@@ -129,7 +133,7 @@ class CheckpointManager:
             torch.save(rng_states, temporary / "rng_state.pt")
             (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             (temporary / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-            self._publish(temporary, final)
+            publish_folder(temporary, final)
             _write_atomically(self.root / "latest", final.name + "\n")
             # Keep the newest `keep_last` of this run's line; later-numbered folders of an abandoned branch stay.
             for old in [folder for folder in self.step_folders() if _step(folder) <= step][self.keep_last:]:
@@ -147,7 +151,7 @@ class CheckpointManager:
             temporary.mkdir(parents=True)
             unwrap_model(model).save_pretrained(temporary, state_dict=model_state)
             (temporary / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
-            self._publish(temporary, final)
+            publish_folder(temporary, final)
         barrier(self.context)
         return final
 

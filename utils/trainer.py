@@ -25,7 +25,7 @@ from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from model import ByteModel, ByteModelConfig
-from utils.checkpoint import CheckpointManager, is_peft_model, set_rng_state
+from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
 from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
 from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
                                unwrap_model, wrap_model)
@@ -531,7 +531,7 @@ class Trainer:
                 max_new_tokens=self.config.logging.sample_tokens)
             plain.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
-            checkpoints._publish(temporary, final)
+            publish_folder(temporary, final)
             get_logger().info(f"final model written to {final}/ ({'best' if best.is_dir() else 'last'} weights)")
             self.print_sample(final)
         barrier(self.context)

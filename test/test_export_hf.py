@@ -1,0 +1,293 @@
+"""scripts/export_hf.py: a ByteModel exported as a plain transformers Llama folder gives the same logits and greedy
+tokens in a process that never imports this project; features Llama lacks are refused with one line, exit code 2
+and nothing written.
+
+Every command-line run is started at once and awaited together (each process mostly pays the torch/transformers
+import, which overlaps well even on two cores); the Llama side of the parity check is one more process that loads
+every export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig
+
+from helpers import randomize_, tiny_config
+from model import ByteModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from export_hf import build_llama, check_expressible, llama_config_from, main  # noqa: E402
+from utils.config import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 180
+MAX_ABS_DIFF = 1e-5
+# tiny_config has max_position_embeddings=64: the input and the generated tokens go past it, so dynamic RoPE
+# really rescales (and default RoPE simply continues).
+INPUT_LENGTH, PROMPT_LENGTH, NEW_TOKENS = 80, 56, 16
+TOKENIZER_TEXT = "Hello, 世界! def f(x): return x"
+GENERATION = dict(max_new_tokens=7, temperature=0.7, top_p=0.9, do_sample=True, eos_token_id=2, pad_token_id=0)
+
+# All GQA (tiny_config: 4 query heads, 2 key/value heads). The tied case also carries a tokenizer, a generation
+# config and stochastic depth; the untied one has no generation config and replaces a non-empty --out with --force.
+PARITY_CASES = {
+    "tied_default": dict(tie_word_embeddings=True, drop_path_rate=0.1),
+    "untied_dynamic": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+}
+REFUSALS = {
+    "parallel_residual": "parallel_residual=True cannot be exported",
+    "layer_scale": "layer_scale_init=0.0001 cannot be exported",
+    "missing_model": "model folder not found",
+    "truncated_weights": "cannot read a model from",
+    "out_not_empty": "exists and is not empty; pass --force",
+}
+
+# Runs in a fresh interpreter, from a folder where the project is not importable: only transformers reads the export.
+LOADER = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+request = json.loads(sys.argv[1])
+greedy = GenerationConfig(do_sample=False, max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"],
+                          eos_token_id=None, pad_token_id=0)
+results = {}
+for folder in request["folders"]:
+    llama = LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = llama(torch.tensor([request["input_ids"]])).logits[0]
+        prompt = torch.tensor([request["prompt_ids"]])
+        tokens = llama.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)[0]
+    result = {"logits": logits.tolist(), "tokens": tokens.tolist(),
+              "auto_class": type(AutoModelForCausalLM.from_pretrained(folder)).__name__}
+    try:
+        result["tokenizer_ids"] = AutoTokenizer.from_pretrained(folder)(request["text"])["input_ids"]
+    except (OSError, ValueError):  # no tokenizer in this export
+        result["tokenizer_ids"] = None
+    results[folder] = result
+assert "model" not in sys.modules, "the export loaded this project's package"
+print(json.dumps({"results": results, "model_imported": "model" in sys.modules}))
+"""
+
+
+def environment() -> dict[str, str]:
+    # No PYTHONPATH: the script must find the repository's packages by itself, and the loader must not find them.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def build(**overrides) -> ByteModel:
+    torch.manual_seed(0)
+    return randomize_(ByteModel(tiny_config(**overrides))).eval()  # random norm weights too
+
+
+def ids(length: int, seed: int) -> list[int]:
+    return torch.randint(0, tiny_config().vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def byte_outputs(model: ByteModel, input_ids: list[int], prompt_ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                              eos_token_id=None, pad_token_id=0)
+    logits = model(torch.tensor([input_ids])).logits[0]
+    prompt = torch.tensor([prompt_ids])
+    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)[0]
+    return logits, tokens.tolist()
+
+
+def prepare_sources(root: Path) -> dict[str, list[str]]:
+    """Write every source folder and return name -> command-line arguments."""
+    cases = {}
+    for name, overrides in PARITY_CASES.items():
+        build(**overrides).save_pretrained(root / name / "src")
+        cases[name] = ["--model", str(root / name / "src"), "--out", str(root / name / "out")]
+    tied = root / "tied_default" / "src"
+    AutoTokenizer.from_pretrained(ROOT / "tokenizer").save_pretrained(tied)
+    GenerationConfig(**GENERATION).save_pretrained(tied)
+    untied = root / "untied_dynamic"
+    (untied / "src" / "generation_config.json").unlink()  # a source without one: the export gets none either
+    (untied / "out").mkdir()
+    (untied / "out" / "stale.txt").write_text("from an earlier export")
+    cases["untied_dynamic"].append("--force")
+
+    for name in REFUSALS:
+        (root / name).mkdir()
+        cases[name] = ["--model", str(root / name / "src"), "--out", str(root / name / "out")]
+    build(parallel_residual=True).save_pretrained(root / "parallel_residual" / "src")
+    build(layer_scale_init=1e-4).save_pretrained(root / "layer_scale" / "src")
+    build().save_pretrained(root / "truncated_weights" / "src")
+    weights = root / "truncated_weights" / "src" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    build().save_pretrained(root / "out_not_empty" / "src")
+    (root / "out_not_empty" / "out").mkdir()
+    (root / "out_not_empty" / "out" / "keep.txt").write_text("not mine")
+    return cases
+
+
+def start(command: list[str], root: Path, name: str, cwd: Path) -> subprocess.Popen:
+    # Output goes to files, so that a chatty process can never block on a full pipe.
+    with open(root / f"{name}.out", "w") as stdout, open(root / f"{name}.err", "w") as stderr:
+        return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=stdout, stderr=stderr)
+
+
+def finish(process: subprocess.Popen, root: Path, name: str) -> tuple[int, str, str]:
+    code = process.wait(timeout=TIMEOUT)
+    return code, (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (exit code, stdout, stderr, case folder) for every script run, plus "llama" -> the loader's results and
+    "byte" -> the ByteModel's own (logits, greedy tokens) per parity case."""
+    root = tmp_path_factory.mktemp("export")
+    cases = prepare_sources(root)
+    input_ids, prompt_ids = ids(INPUT_LENGTH, seed=1), ids(PROMPT_LENGTH, seed=2)
+    started = {}
+    try:
+        for name, arguments in cases.items():
+            started[name] = start([sys.executable, "scripts/export_hf.py", *arguments], root, name, cwd=ROOT)
+        # The reference side runs here while the scripts import.
+        byte = {name: byte_outputs(build(**overrides), input_ids, prompt_ids)
+                for name, overrides in PARITY_CASES.items()}
+        results = {name: (*finish(started[name], root, name), root / name) for name in PARITY_CASES}
+        for name, (code, _, stderr, _) in results.items():
+            assert code == 0, f"{name}: {stderr}"
+        request = {"folders": [str(root / name / "out") for name in PARITY_CASES], "input_ids": input_ids,
+                   "prompt_ids": prompt_ids, "new_tokens": NEW_TOKENS, "text": TOKENIZER_TEXT}
+        started["llama"] = start([sys.executable, "-c", LOADER, json.dumps(request)], root, "llama", cwd=root)
+        for name in REFUSALS:
+            results[name] = (*finish(started[name], root, name), root / name)
+        code, stdout, stderr = finish(started["llama"], root, "llama")
+        assert code == 0, stderr
+        loaded = json.loads(stdout.splitlines()[-1])
+        results["llama"] = {name: loaded["results"][str(root / name / "out")] for name in PARITY_CASES}
+        results["model_imported"] = loaded["model_imported"]
+        results["byte"] = byte
+        return results
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+# ---------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_export_gives_the_same_logits_and_greedy_tokens_without_the_project(runs, case):
+    byte_logits, byte_tokens = runs["byte"][case]
+    llama = runs["llama"][case]
+    assert runs["model_imported"] is False
+    assert llama["auto_class"] == "LlamaForCausalLM"
+    llama_logits = torch.tensor(llama["logits"])
+    assert llama_logits.shape == byte_logits.shape == (INPUT_LENGTH, tiny_config().vocab_size)
+    assert (llama_logits - byte_logits).abs().max().item() < MAX_ABS_DIFF
+    assert llama["tokens"] == byte_tokens
+    assert len(byte_tokens) == PROMPT_LENGTH + NEW_TOKENS
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_config_is_plain_llama(runs, case):
+    config = json.loads((runs[case][3] / "out" / "config.json").read_text())
+    source = json.loads((runs[case][3] / "src" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "auto_map" not in config
+    assert not {"parallel_residual", "layer_scale_init", "drop_path_rate"} & set(config)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+        assert config[key] == source[key], key
+    with safe_open(runs[case][3] / "out" / "model.safetensors", "pt") as weights:
+        # A tied export stores the embedding once, as transformers' own Llama checkpoints do.
+        assert ("lm_head.weight" in weights.keys()) == (not config["tie_word_embeddings"])
+
+
+def test_tokenizer_and_generation_config_are_copied(runs):
+    out = runs["tied_default"][3] / "out"
+    assert runs["llama"]["tied_default"]["tokenizer_ids"] == AutoTokenizer.from_pretrained(ROOT / "tokenizer")(
+        TOKENIZER_TEXT)["input_ids"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert {key: generation.get(key) for key in GENERATION} == GENERATION
+
+
+def test_no_tokenizer_or_generation_config_when_the_source_has_none(runs):
+    out = runs["untied_dynamic"][3] / "out"
+    assert runs["llama"]["untied_dynamic"]["tokenizer_ids"] is None
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_force_replaces_a_non_empty_out_and_leaves_no_temporary_folder(runs):
+    folder = runs["untied_dynamic"][3]
+    assert not (folder / "out" / "stale.txt").exists()
+    assert sorted(path.name for path in folder.iterdir()) == ["out", "src"]
+
+
+def test_drop_path_is_noted(runs):
+    stdout = runs["tied_default"][1]
+    assert "note: drop_path_rate=0.1" in stdout
+    assert "exported" in stdout.splitlines()[-1]
+    assert "note" not in runs["untied_dynamic"][1]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_are_one_line_exit_2_and_write_nothing(runs, case):
+    code, stdout, stderr, folder = runs[case]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr + stdout
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and REFUSALS[case] in lines[0]
+    if case == "out_not_empty":
+        assert [path.name for path in (folder / "out").iterdir()] == ["keep.txt"]
+    else:
+        assert not (folder / "out").exists()
+    expected = ["src"] if case != "missing_model" else []
+    assert sorted(path.name for path in folder.iterdir() if path.name != "out") == expected  # no temporary folder
+
+
+def test_parameters_outside_llama_are_refused_by_name():
+    model = build()
+    config = llama_config_from(model.config, torch.float32)
+    extra = {**model.state_dict(), "model.layers.0.attn_layer_scale.gamma": torch.ones(64)}
+    with pytest.raises(InputError, match="parameters Llama lacks: model.layers.0.attn_layer_scale.gamma"):
+        build_llama(extra, config)
+    missing = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("model.layers.1.")}
+    with pytest.raises(InputError, match=r"missing from the model: model\.layers\.1\.input_layernorm\.weight, "
+                                         r".*\(and 6 more\)"):
+        build_llama(missing, config)
+
+
+# ---------------------------------------------------------------- in process
+
+
+def test_moe_settings_are_refused():
+    # A future MoE config carries moe_* fields; a falsy one (an MoE switch left off) is no obstacle.
+    config = tiny_config(moe_num_experts=0)
+    check_expressible(config)
+    config.moe_num_experts = 4
+    with pytest.raises(InputError, match="moe_num_experts=4: .*MoE models have their own Mixtral export"):
+        check_expressible(config)
+
+
+def test_bf16_export_holds_the_cast_weights(tmp_path):
+    model = build(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "src")
+    main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--dtype", "bf16"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        assert set(weights.keys()) == set(expected) - {"lm_head.weight"}
+        for name in weights.keys():
+            assert torch.equal(weights.get_tensor(name), expected[name]), name
