@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from transformers.utils import logging as transformers_logging
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
+from utils.checkpoint import load_model_folder
 from utils.config import InputError, exit_on_input_error
 
 
@@ -20,12 +21,12 @@ def load(folder: str):
     path = Path(folder)
     if not path.is_dir():
         raise InputError(f"model folder not found: {path}")
+    language_model = load_model_folder(path, AutoModelForCausalLM)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        language_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     except Exception as error:  # any failure to read the folder means the same to the user
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot load a model and tokenizer from {path}: {message}") from None
+        raise InputError(f"cannot load the tokenizer from {path}: {message}") from None
     if not tokenizer.chat_template:
         raise InputError(f"{path}: the tokenizer has no chat template")
     return language_model, tokenizer

@@ -22,30 +22,12 @@ from transformers import (AutoTokenizer, GenerationConfig, LlamaConfig, LlamaFor
                           PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from model import ByteModel, ByteModelConfig  # noqa: E402
-from utils.checkpoint import publish_folder  # noqa: E402
+from model import ByteModelConfig  # noqa: E402
+from utils.checkpoint import load_model_folder, publish_folder  # noqa: E402
 from utils.config import InputError, exit_on_input_error  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN_KEYS = 3  # parameter names quoted in an error message
-
-
-def load_source(path: Path) -> ByteModel:
-    """A saved model folder (final/, best/ or a checkpoint step folder), in fp32, with every weight from the file."""
-    if not path.is_dir():
-        raise InputError(f"model folder not found: {path}")
-    try:
-        model, info = ByteModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot read a model from {path}: {message}") from None
-    # from_pretrained fills missing weights with random ones and drops unknown ones: exporting that would silently
-    # publish a different model than the one trained.
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        if info[kind]:
-            names = ", ".join(sorted(str(key) for key in info[kind])[:SHOWN_KEYS])
-            raise InputError(f"cannot read a model from {path}: {kind.replace('_', ' ')} in the weights: {names}")
-    return model.eval()
 
 
 def check_expressible(config: ByteModelConfig) -> None:
@@ -143,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Everything that can refuse runs before the first byte is written.
     check_out(out, source, args.force)
-    model = load_source(source)
+    model = load_model_folder(source)
     check_expressible(model.config)
     llama_config = llama_config_from(model.config, dtype)
     state_dict = {name: tensor.to(dtype) for name, tensor in model.state_dict().items()}

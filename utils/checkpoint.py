@@ -30,6 +30,28 @@ from utils.logger import get_logger
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def load_model_folder(path: Path, model_class=None) -> nn.Module:
+    """A saved model folder (final/, best/ or a checkpoint step folder), in fp32 and eval mode, with every weight
+    from the file: from_pretrained would fill missing weights with random ones and drop unknown ones, which would
+    silently report on, export or chat with a different model than the one trained. `model_class` defaults to
+    ByteModel (any `from_pretrained` class works, e.g. AutoModelForCausalLM)."""
+    if model_class is None:
+        from model import ByteModel as model_class
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"model folder not found: {path}")
+    try:
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"cannot read a model from {path}: {message}") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info[kind]:
+            names = ", ".join(sorted(str(key) for key in info[kind])[:3])
+            raise InputError(f"cannot read a model from {path}: {kind.replace('_', ' ')} in the weights: {names}")
+    return model.eval()
+
+
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 

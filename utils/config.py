@@ -141,6 +141,19 @@ def save_config(config: Any, path: str | Path) -> None:
     temporary.replace(path)
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML configuration file as a dict of sections (empty file: empty dict)."""
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: the configuration must be a mapping of sections")
+    return values
+
+
 def _describe_keys(schema: type) -> str:
     lines = ["configuration keys (override any with --section.key VALUE; values are YAML scalars):"]
     for section_name, section_type in _field_types(schema).items():
@@ -167,17 +180,7 @@ def parse_config(schema: type, default_config: str | None, description: str, arg
         add_arguments(parser)
     arguments, rest = parser.parse_known_args(argv)
 
-    values: dict[str, Any] = {}
-    if arguments.config is not None:
-        path = Path(arguments.config)
-        if not path.is_file():
-            raise InputError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise InputError(f"{path}: the configuration must be a mapping of sections")
+    values = read_yaml(Path(arguments.config)) if arguments.config is not None else {}
 
     index = 0
     while index < len(rest):

@@ -17,11 +17,11 @@ import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from model import ByteModel, ByteModelConfig  # noqa: E402
-from utils.config import InputError, ModelSection, build_config, exit_on_input_error  # noqa: E402
+from utils.checkpoint import load_model_folder  # noqa: E402
+from utils.config import InputError, ModelSection, build_config, exit_on_input_error, read_yaml  # noqa: E402
 from utils.trainer import model_config_from  # noqa: E402
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
@@ -128,13 +128,8 @@ def weight_statistics(model: nn.Module) -> dict[str, list]:
 
 def config_from_yaml(path: Path) -> tuple[ByteModelConfig, int]:
     """The model a training config describes, and its data.seq_len (1024 when absent)."""
-    if not path.is_file():
-        raise InputError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+    values = read_yaml(path)
+    if not isinstance(values.get("model"), dict):
         raise InputError(f"{path}: no 'model' section")
     data = values.get("data") or {}
     if not isinstance(data, dict):
@@ -166,17 +161,6 @@ def _tokenizer_vocab_size(folder: str, config_path: Path) -> int:
     data = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     ids = list(data["model"]["vocab"].values()) + [token["id"] for token in data.get("added_tokens", [])]
     return max(ids) + 1
-
-
-def load_model(path: Path) -> ByteModel:
-    """A saved model folder (final/, best/, or a checkpoint's step folder)."""
-    if not path.is_dir():
-        raise InputError(f"model folder not found: {path}")
-    try:
-        return ByteModel.from_pretrained(path, dtype=torch.float32).eval()
-    except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot read a model from {path}: {message}") from None
 
 
 # ---------------------------------------------------------------- the report
@@ -374,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise InputError("--seq-len and --batch-size must be positive")
     if args.model:
         path = Path(args.model)
-        model, trained = load_model(path), True
+        model, trained = load_model_folder(path), True
         folder = path.resolve()
         name = args.name or (f"{folder.parent.name}_{folder.name}" if folder.name in ("final", "best")
                              else folder.name)
