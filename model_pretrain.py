@@ -5,13 +5,18 @@ Also runs as a single process with `python model_pretrain.py`. Every config key 
 """
 
 from utils.config import TrainingConfig, exit_on_input_error, parse_config
-from utils.data import PretrainDataset
+from utils.data import PretrainDataset, StreamingPretrainDataset
+from utils.distributed import rank_and_world_size
 from utils.trainer import Trainer
 
 
 def pretrain_datasets(tokenizer, config: TrainingConfig, log):
     data = config.data
-    train = PretrainDataset(data.train_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
+    if data.streaming:
+        rank, world_size = rank_and_world_size()
+        train = StreamingPretrainDataset(data.train_files, tokenizer, data.seq_len, rank, world_size, data.strict)
+    else:
+        train = PretrainDataset(data.train_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
     val = (PretrainDataset(data.val_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
            if data.val_files else None)
     return train, val, None

@@ -312,3 +312,24 @@ def test_bad_data_with_two_processes_exits_2_on_every_rank(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: data file not found") == 2, result.stderr[-2000:]
     assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+def test_streaming_with_two_processes_records_every_shard_and_resumes(tmp_path):
+    out_dir = tmp_path / "out"
+    data = ROOT / "datasets" / "demo" / "pretrain_val.jsonl"
+    common = ["model_pretrain.py", "--data.streaming", "true", "--data.train_files", f"[{data}]",
+              "--data.val_files", "[]", "--model.hidden_size", "32", "--model.num_hidden_layers", "2",
+              "--model.num_attention_heads", "4", "--data.seq_len", "32", "--train.micro_batch_size", "2",
+              "--train.out_dir", str(out_dir), "--checkpoint.every_steps", "2", "--logging.every_steps", "1",
+              "--logging.swanlab_mode", "disabled", "--logging.sample_tokens", "2", "--train.precision", "fp32"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(launcher + common + ["--train.max_steps", "4"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=240, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads((out_dir / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["sampler"]["num_shards"] == 2 and set(state["sampler"]["positions"]) == {"0", "1"}
+    second = subprocess.run(launcher + common + ["--train.max_steps", "6", "--resume", "auto"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and (out_dir / "checkpoints" / "step_6").is_dir()

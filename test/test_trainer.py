@@ -657,3 +657,39 @@ def test_seq_len_longer_than_positions_is_an_input_error(tmp_path, cache_dir):
     config = make_config(tmp_path / "out", cache_dir, data={"seq_len": 65})
     with pytest.raises(InputError, match="max_position_embeddings"):
         fit(config)
+
+
+# --------------------------------------------------------------------------------------------- streaming data
+
+def test_streaming_training_resumes_exactly(tmp_path, cache_dir, monkeypatch):
+    stream = {"streaming": True}
+    config_a = make_config(tmp_path / "a", cache_dir, data=stream)
+    uninterrupted = fit(config_a)
+    assert uninterrupted["reason"] == "finished" and uninterrupted["step"] == 12
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step_12" / "trainer_state.json").read_text())
+    assert state["sampler"]["num_shards"] == 1 and "0" in state["sampler"]["positions"]
+
+    config_b = make_config(tmp_path / "b", cache_dir, data=stream)
+    stop_before_call(monkeypatch, 6)
+    assert fit(config_b)["reason"] == "stopped by signal"
+    monkeypatch.undo()
+    resumed = fit(config_b, "auto")
+    assert resumed["losses"] == uninterrupted["losses"][5:]
+
+    # The stream is read as one shard per process and worker: another worker count cannot continue it.
+    other = make_config(tmp_path / "b", cache_dir, data={**stream, "num_workers": 2}, train={"max_steps": 14})
+    with pytest.raises(InputError, match="no usable checkpoint"):
+        fit(other, "auto")
+
+
+def test_streaming_needs_max_steps(tmp_path, cache_dir):
+    with pytest.raises(InputError, match="data.streaming needs train.max_steps"):
+        fit(make_config(tmp_path / "out", cache_dir, data={"streaming": True}, train={"max_steps": None}))
+
+
+def test_streaming_with_two_workers_trains(tmp_path, cache_dir):
+    summary = fit(make_config(tmp_path / "out", cache_dir, data={"streaming": True, "num_workers": 2},
+                              train={"max_steps": 6}))
+    assert summary["reason"] == "finished" and all(math.isfinite(loss) for loss in summary["losses"])
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["sampler"]["num_shards"] == 2 and set(state["sampler"]["positions"]) == {"0", "1"}

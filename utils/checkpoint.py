@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 from torch import nn
@@ -24,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from utils.config import InputError
-from utils.distributed import DistributedContext, barrier, unwrap_model
+from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
 from utils.logger import get_logger
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -140,11 +139,7 @@ class CheckpointManager:
         """Collective: every rank calls it. Full (unsharded) states are gathered to CPU and written by rank 0."""
         model_state = get_model_state_dict(model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-        rng_states = [None] * self.context.world_size
-        if self.context.is_distributed:
-            dist.all_gather_object(rng_states, rng_state())
-        else:
-            rng_states = [rng_state()]
+        rng_states = all_gather_objects(rng_state(), self.context)
         final = self.root / f"step_{step}"
         if self.context.is_main:
             temporary = self.root / f".tmp-step_{step}"

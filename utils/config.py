@@ -236,6 +236,7 @@ class DataSection:
     seq_len: int = 256
     cache_dir: str = ".cache/data"
     strict: bool = False
+    streaming: bool = False  # read and tokenize train_files lazily (corpora too big to cache); needs max_steps
     num_workers: int = 0
 
 

@@ -27,11 +27,15 @@ class DistributedContext:
         return self.rank == 0
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun sets them (0 and 1 without torchrun)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*),
     or run as a single process when there is none. nccl on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
@@ -74,6 +78,15 @@ def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Te
     if context.is_distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def all_gather_objects(value, context: DistributedContext) -> list:
+    """Every rank's `value` (any picklable object), in rank order."""
+    if not context.is_distributed:
+        return [value]
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank(flag: bool, context: DistributedContext) -> bool:

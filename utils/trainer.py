@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
@@ -27,7 +27,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from model import ByteModel, ByteModelConfig
 from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
 from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
-from utils.distributed import (all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
+from utils.distributed import (all_gather_objects, all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
                                unwrap_model, wrap_model)
 from utils.logger import get_logger, setup_logger
 from utils.metrics import perplexity
@@ -37,7 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online", "disabled": "disabled"}
 # Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
-RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer"),
+RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
                "train": ("micro_batch_size", "grad_accum_steps", "seed")}
 
 
@@ -249,6 +249,10 @@ class Trainer:
 
     def check_resumable(self, saved: dict) -> str | None:
         current = config_to_dict(self.config)
+        if current["data"]["streaming"] and saved["data"].get("num_workers") != current["data"]["num_workers"]:
+            # The stream is dealt to one shard per process and worker; the saved positions are per shard.
+            return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
+                    f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
         for section, keys in RESUME_KEYS.items():
             for key in keys or current[section]:
                 if saved.get(section, {}).get(key) != current[section][key]:
@@ -265,14 +269,30 @@ class Trainer:
                           pin_memory=self.context.device.type == "cuda", generator=generator)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless stream of micro-batches over epochs; `self.epoch`/`self.consumed` always name the position
-        right after the last batch handed out, which is what a checkpoint records."""
+        """Endless stream of micro-batches over epochs; `self.epoch`/`self.consumed` (or, streaming, the position
+        of every shard) always name the position right after the last batch handed out, which is what a
+        checkpoint records."""
+        while self.sampler is None:
+            self.train_dataset.positions = dict(self.stream_positions)
+            loader = DataLoader(self.train_dataset, batch_size=self.config.train.micro_batch_size,
+                                collate_fn=self.collate, num_workers=self.config.data.num_workers,
+                                generator=torch.Generator().manual_seed(self.config.train.seed))
+            for batch in loader:
+                # A batch comes from one shard (one DataLoader worker); its last row says where that shard resumes.
+                shard = int(batch.pop("shard")[-1])
+                self.stream_positions[shard] = (int(batch.pop("document")[-1]), int(batch.pop("offset")[-1]))
+                yield {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
+            self.epoch, self.stream_positions = self.epoch + 1, {}
         while True:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.loader(self.train_dataset, self.sampler, self.collate):
                 self.consumed += self.config.train.micro_batch_size
                 yield {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
             self.epoch, self.consumed = self.epoch + 1, 0
+
+    def num_shards(self) -> int:
+        """A stream is dealt to one shard per process and DataLoader worker."""
+        return self.context.world_size * max(1, self.config.data.num_workers)
 
     # ------------------------------------------------------------------ the run
 
@@ -306,14 +326,22 @@ class Trainer:
             trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
             if config.train.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
-            self.sampler = ResumableSampler(len(self.train_dataset), context.rank, context.world_size,
-                                            config.train.seed, lengths=getattr(self.train_dataset, "lengths", None),
-                                            group_size=64 * config.train.micro_batch_size * context.world_size)
-            steps_per_epoch = len(self.sampler) // (config.train.micro_batch_size * config.train.grad_accum_steps)
-            if steps_per_epoch < 1:
-                raise InputError(f"the training data ({len(self.train_dataset)} samples) does not fill one step of "
-                                 f"{config.train.micro_batch_size * config.train.grad_accum_steps} per rank")
-            total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+            if isinstance(self.train_dataset, IterableDataset):
+                # Streaming: the data's length is unknown, so the run is measured in steps.
+                if config.train.max_steps is None:
+                    raise InputError("data.streaming needs train.max_steps (a stream has no known epoch length)")
+                self.sampler, steps_per_epoch, total_steps = None, "unknown", config.train.max_steps
+                data_description = "streamed training data"
+            else:
+                self.sampler = ResumableSampler(len(self.train_dataset), context.rank, context.world_size,
+                                                config.train.seed, lengths=getattr(self.train_dataset, "lengths", None),
+                                                group_size=64 * config.train.micro_batch_size * context.world_size)
+                steps_per_epoch = len(self.sampler) // (config.train.micro_batch_size * config.train.grad_accum_steps)
+                if steps_per_epoch < 1:
+                    raise InputError(f"the training data ({len(self.train_dataset)} samples) does not fill one step "
+                                     f"of {config.train.micro_batch_size * config.train.grad_accum_steps} per rank")
+                total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+                data_description = f"{len(self.train_dataset)} training samples"
             wrapped = wrap_model(model, config.train.strategy, context,
                                  param_dtype=dtype if dtype != torch.float32 else None)
             optimizer = build_optimizer(wrapped, config, context.device)
@@ -324,6 +352,7 @@ class Trainer:
             flops_per_token = training_flops_per_token(model.config, num_parameters, config.data.seq_len)
             peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             self.epoch = self.consumed = 0
+            self.stream_positions: dict[int, tuple[int, int]] = {}
             state = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "evals_without_improvement": 0,
                      "bad_steps": 0}
             saved_rng = None
@@ -332,14 +361,20 @@ class Trainer:
                 if loaded is not None:
                     _, state, saved_rng = loaded
                     scheduler.load_state_dict(state.pop("scheduler"))
-                    self.sampler.load_state_dict(state.pop("sampler"))
-                    self.epoch, self.consumed = self.sampler.epoch, self.sampler.start
+                    position = state.pop("sampler")
+                    if self.sampler is None:
+                        self.epoch = position["epoch"]
+                        self.stream_positions = {int(shard): tuple(value)
+                                                 for shard, value in position["positions"].items()}
+                    else:
+                        self.sampler.load_state_dict(position)
+                        self.epoch, self.consumed = self.sampler.epoch, self.sampler.start
             if context.is_main:
                 save_config(config, out_dir / "config.yaml")
             metrics = MetricsWriter(out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
                                     config_to_dict(config), state["step"] if resume is not None else None)
             log.info(f"model: {num_parameters / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
-                     f"{len(self.train_dataset)} training samples, "
+                     f"{data_description}, "
                      f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
                      f"{context.world_size} process(es), {config.train.strategy}; device {context.device}")
             if saved_rng is not None:
@@ -378,7 +413,13 @@ class Trainer:
         last_eval = None
 
         def trainer_state() -> dict:
-            position = {**self.sampler.state_dict(0), "epoch": self.epoch, "consumed": self.consumed}
+            if self.sampler is None:
+                # Every rank reads its own shards: collect all their positions (rank 0 writes the file).
+                positions = all_gather_objects(self.stream_positions, context)
+                merged = {str(shard): list(value) for part in positions for shard, value in part.items()}
+                position = {"epoch": self.epoch, "num_shards": self.num_shards(), "positions": merged}
+            else:
+                position = {**self.sampler.state_dict(0), "epoch": self.epoch, "consumed": self.consumed}
             return {**state, "scheduler": scheduler.state_dict(), "sampler": position}
 
         def save() -> None:
