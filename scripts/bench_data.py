@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from model import ByteModel
-from utils.config import TrainingConfig, parse_config
+from utils.config import TrainingConfig, model_config_from, parse_config
 from utils.data import PadCollator, PretrainDataset, ResumableSampler, SFTDataset, build_token_cache
-from utils.trainer import model_config_from
 
 
 def loader_tokens_per_s(loader: DataLoader, max_batches: int) -> float:

@@ -14,7 +14,7 @@ from transformers.utils import logging as transformers_logging
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
 from utils.checkpoint import load_model_folder
-from utils.config import InputError, exit_on_input_error
+from utils.config import InputError, error_summary, exit_on_input_error
 
 
 def load(folder: str):
@@ -25,8 +25,7 @@ def load(folder: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as error:  # any failure to read the folder means the same to the user
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot load the tokenizer from {path}: {message}") from None
+        raise InputError(f"cannot load the tokenizer from {path}: {error_summary(error)}") from None
     if not tokenizer.chat_template:
         raise InputError(f"{path}: the tokenizer has no chat template")
     return language_model, tokenizer

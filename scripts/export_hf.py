@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from model import ByteModelConfig  # noqa: E402
 from utils.checkpoint import load_model_folder, publish_folder  # noqa: E402
-from utils.config import InputError, exit_on_input_error  # noqa: E402
+from utils.config import InputError, error_summary, exit_on_input_error  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN_KEYS = 3  # parameter names quoted in an error message
@@ -77,8 +77,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot read the tokenizer in {path}: {message}") from None
+        raise InputError(f"cannot read the tokenizer in {path}: {error_summary(error)}") from None
 
 
 def load_generation_config(path: Path) -> GenerationConfig | None:
@@ -87,8 +86,7 @@ def load_generation_config(path: Path) -> GenerationConfig | None:
     try:
         return GenerationConfig.from_pretrained(path)
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot read {path / 'generation_config.json'}: {message}") from None
+        raise InputError(f"cannot read {path / 'generation_config.json'}: {error_summary(error)}") from None
 
 
 def check_out(out: Path, source: Path, force: bool) -> None:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from utils.config import InputError
+from utils.config import InputError, error_summary
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
 from utils.logger import get_logger
 
@@ -42,8 +42,7 @@ def load_model_folder(path: Path, model_class=None) -> nn.Module:
     try:
         model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"cannot read a model from {path}: {message}") from None
+        raise InputError(f"cannot read a model from {path}: {error_summary(error)}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info[kind]:
             names = ", ".join(sorted(str(key) for key in info[kind])[:3])
@@ -232,8 +231,7 @@ class CheckpointManager:
                 set_optimizer_state_dict(model, optimizer, optimizer_state,
                                          options=StateDictOptions(full_state_dict=True))
             except Exception as error:  # a damaged file can fail in many ways; each means "not usable"
-                message = str(error).splitlines()[0] if str(error) else type(error).__name__
-                log.warning(f"checkpoint {folder} refused: {message}")
+                log.warning(f"checkpoint {folder} refused: {error_summary(error)}")
                 continue
             log.info(f"resumed from {folder} (step {trainer_state['step']})")
             return folder, trainer_state, rng_states[self.context.rank]

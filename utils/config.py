@@ -22,6 +22,12 @@ class InputError(ValueError):
     """Bad input from the user (config, command line, data file, checkpoint): reported as one line, exit code 2."""
 
 
+def error_summary(error: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line user messages."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def exit_on_input_error(main: Callable[[], Any]) -> Callable[[], Any]:
     """Wrap a script's main so that an InputError ends the process with `error: ...` on stderr and exit code 2."""
 
@@ -148,7 +154,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise InputError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+        raise InputError(f"{path}: invalid YAML: {error_summary(error)}") from None
     if not isinstance(values, dict):
         raise InputError(f"{path}: the configuration must be a mapping of sections")
     return values
@@ -313,3 +319,21 @@ class TrainingConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraSection = field(default_factory=LoraSection)
+
+
+def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None):
+    """The ByteModelConfig of a model section plus what the tokenizer decides: vocabulary size and special token
+    ids (or just `vocab_size`, where only the shapes matter)."""
+    from model import ByteModelConfig  # imported here: reading a config must not wait for torch and transformers
+
+    fields = {key: value for key, value in dataclasses.asdict(section).items()
+              if key != "init_from" and (value is not None or key == "intermediate_size")}
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    elif vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    try:
+        return ByteModelConfig(**fields)
+    except ValueError as error:
+        raise InputError(f"model: {error}") from None

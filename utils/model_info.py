@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 
 from model import ByteModel, ByteModelConfig  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
-from utils.config import InputError, ModelSection, build_config, exit_on_input_error, read_yaml  # noqa: E402
-from utils.trainer import model_config_from  # noqa: E402
+from utils.config import (InputError, ModelSection, build_config, exit_on_input_error, model_config_from,  # noqa: E402
+                          read_yaml)
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

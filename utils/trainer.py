@@ -6,7 +6,6 @@ the final model. Scripts only choose the task's datasets; everything else is her
 """
 
 import contextlib
-import dataclasses
 import json
 import math
 import shutil
@@ -24,13 +23,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from model import ByteModel, ByteModelConfig
+from model import ByteModel
 from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
-from utils.config import InputError, ModelSection, TrainingConfig, config_to_dict, save_config
-from utils.distributed import (all_gather_objects, all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown,
-                               unwrap_model, wrap_model)
+from utils.config import InputError, TrainingConfig, config_to_dict, error_summary, model_config_from, save_config
+from utils.data import ResumableSampler
+from utils.distributed import (all_gather_objects, all_reduce_sum, any_rank, barrier, init_distributed, main_first,
+                               teardown, unwrap_model, wrap_model)
 from utils.logger import get_logger, setup_logger
 from utils.metrics import perplexity
+from utils.model_info import flops_per_token as flops_per_token_by_component
 from utils.progressbar import ProgressBar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -55,22 +56,6 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None) -> ByteModelConfig:
-    """The config's model section plus what the tokenizer decides: vocabulary size and special token ids (or
-    just `vocab_size`, where only the shapes matter)."""
-    fields = {key: value for key, value in dataclasses.asdict(section).items()
-              if key != "init_from" and (value is not None or key == "intermediate_size")}
-    if tokenizer is not None:
-        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    elif vocab_size is not None:
-        fields["vocab_size"] = vocab_size
-    try:
-        return ByteModelConfig(**fields)
-    except ValueError as error:
-        raise InputError(f"model: {error}") from None
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: norms, biases and embeddings are left alone (nanoGPT, Llama)."""
     decay, no_decay = [], []
@@ -89,15 +74,6 @@ def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.devi
         return torch.optim.AdamW(groups, fused=True, **options)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **options)
-
-
-def training_flops_per_token(config: ByteModelConfig, num_parameters: int, seq_len: int) -> float:
-    """PaLM appendix B: 6 FLOPs per parameter and token (forward + backward) for the matrix multiplies, embedding
-    lookup excluded, plus 12 * layers * hidden * seq_len for attention scores and values."""
-    matmul_parameters = num_parameters - config.vocab_size * config.hidden_size * (0 if config.tie_word_embeddings
-                                                                                   else 1)
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_parameters + attention
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
@@ -244,7 +220,7 @@ class Trainer:
                                                          lora_dropout=lora.dropout,
                                                          target_modules=lora.target_modules, task_type="CAUSAL_LM"))
             except ValueError as error:
-                raise InputError(f"lora: {str(error).splitlines()[0]}") from None
+                raise InputError(f"lora: {error_summary(error)}") from None
         return model
 
     def check_resumable(self, saved: dict) -> str | None:
@@ -298,8 +274,6 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> dict:
         """Train; return a summary (final step, losses, why it stopped). Raises InputError for bad input."""
-        from utils.data import ResumableSampler  # here to keep the import graph of utils.data light
-
         config = self.config
         self.context = context = init_distributed(config.train.device)
         out_dir = Path(config.train.out_dir)
@@ -349,7 +323,7 @@ class Trainer:
                 optimizer, min(config.optim.warmup_steps, total_steps), total_steps, min_lr=config.optim.min_lr)
             forward_model = torch.compile(wrapped) if config.train.compile else wrapped
 
-            flops_per_token = training_flops_per_token(model.config, num_parameters, config.data.seq_len)
+            flops_per_token = sum(flops_per_token_by_component(model.config, config.data.seq_len).values())
             peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             self.epoch = self.consumed = 0
             self.stream_positions: dict[int, tuple[int, int]] = {}
@@ -525,8 +499,6 @@ class Trainer:
     def evaluate(self, model: nn.Module, dataset: Dataset, autocast) -> dict[str, float]:
         """Token-weighted mean loss over the first `eval.max_batches` batches of the validation split; the ranks
         share those batches, so the result does not depend on the number of processes."""
-        from utils.data import ResumableSampler
-
         model.eval()
         sampler = ResumableSampler(len(dataset), self.context.rank, self.context.world_size, shuffle=False)
         batches_per_rank = math.ceil(self.config.eval.max_batches / self.context.world_size)
