@@ -24,6 +24,8 @@ class ByteModelConfig(PretrainedConfig):
         "num_kv_heads": "num_key_value_heads",
         "max_seq_len": "max_position_embeddings",
         "norm_eps": "rms_norm_eps",
+        "moe_num_experts": "num_experts",
+        "moe_k": "num_experts_per_tok",
     }
 
     vocab_size: int = 6400
@@ -50,12 +52,29 @@ class ByteModelConfig(PretrainedConfig):
     parallel_residual: bool = False
     layer_scale_init: float | None = None
     drop_path_rate: float = 0.0
+    # Mixture of Experts (model/moe.py), off while num_experts is 0. Names follow transformers' MoE configs.
+    num_experts: int = 0  # routed experts per MoE layer
+    num_experts_per_tok: int = 2  # top k
+    moe_intermediate_size: int | None = None  # each expert's inner size; None: intermediate_size
+    num_shared_experts: int = 0  # experts every token goes through, beside the routed ones
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0; 1: every layer
+    moe_capacity_factor: float | None = None  # None: dropless; else capacity per expert while training
+    scoring_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    router_aux_loss_coef: float = 0.01  # load-balancing loss weight
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3)
+    router_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing bias, updated every optimizer step
 
     def __post_init__(self, **kwargs):
         # Aliases passed as keyword arguments must land before the derived sizes below are computed.
         for alias, field_name in self.attribute_map.items():
             if alias in kwargs:
                 setattr(self, field_name, kwargs.pop(alias))
+        moe_enabled = kwargs.pop("moe_enabled", None)  # the seed project's switch
+        if moe_enabled is False:
+            self.num_experts = 0
+        elif moe_enabled and not self.num_experts:
+            raise ValueError("moe_enabled needs moe_num_experts (num_experts) > 0")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -63,6 +82,8 @@ class ByteModelConfig(PretrainedConfig):
         if self.intermediate_size is None:
             # SwiGLU with ~8/3 expansion keeps the parameter count of a 4x GELU MLP; round up to 64 for fast matmuls.
             self.intermediate_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
@@ -78,6 +99,27 @@ class ByteModelConfig(PretrainedConfig):
         # rope_theta written out in full: a missing one would otherwise take LlamaConfig's default.
         rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
         return LlamaConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=rope)
+
+    def to_mixtral_config(self):
+        """The transformers `MixtralConfig` of the same MoE architecture: every layer MoE, softmax router with
+        renormalised top-k, no shared experts (callers that export must refuse anything else)."""
+        from transformers import MixtralConfig
+
+        fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_dropout",
+                  "hidden_act", "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+                  "num_experts_per_tok", "router_aux_loss_coef")
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
+        return MixtralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=rope,
+                             intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
+                             sliding_window=None)
+
+    @property
+    def moe_enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 0 and (layer_idx + 1) % self.decoder_sparse_step == 0
 
     @property
     def rope_theta(self) -> float:
@@ -106,6 +148,7 @@ class ByteModelConfig(PretrainedConfig):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        self.validate_moe()
         rope = self.rope_parameters or {}
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
@@ -114,3 +157,28 @@ class ByteModelConfig(PretrainedConfig):
             raise ValueError(f"rope_parameters.rope_theta must be positive, got {rope.get('rope_theta')!r}")
         if rope_type == "dynamic" and not (isinstance(rope.get("factor"), (int, float)) and rope["factor"] >= 1.0):
             raise ValueError(f"rope_parameters.factor must be a number >= 1 for dynamic RoPE, got {rope.get('factor')!r}")
+
+    def validate_moe(self) -> None:
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            raise ValueError(f"num_experts must be a non-negative integer, got {self.num_experts!r}")
+        if not self.num_experts:
+            return
+        if not (isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok must be an integer in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok!r}")
+        for name, low in (("moe_intermediate_size", 1), ("num_shared_experts", 0), ("decoder_sparse_step", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.decoder_sparse_step > self.num_hidden_layers:
+            raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} leaves no MoE layer among "
+                             f"{self.num_hidden_layers} layers")
+        if self.moe_capacity_factor is not None and not (isinstance(self.moe_capacity_factor, (int, float))
+                                                         and self.moe_capacity_factor > 0):
+            raise ValueError(f"moe_capacity_factor must be null or a positive number, got {self.moe_capacity_factor!r}")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")

@@ -1,4 +1,4 @@
-"""One transformer block: pre-norm attention and MLP with optional parallel residual, LayerScale and DropPath."""
+"""One transformer block: pre-norm attention and MLP (or MoE) with optional parallel residual, LayerScale and DropPath."""
 
 import torch
 from torch import nn
@@ -8,6 +8,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from model.attention import ByteAttention
 from model.config import ByteModelConfig
 from model.mlp import ByteMLP
+from model.moe import ByteMoELayer
 from model.norm import ByteRMSNorm
 
 
@@ -51,7 +52,7 @@ class ByteDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.parallel_residual = config.parallel_residual
         self.self_attn = ByteAttention(config, layer_idx)
-        self.mlp = ByteMLP(config)
+        self.mlp = ByteMoELayer(config) if config.is_moe_layer(layer_idx) else ByteMLP(config)
         self.input_layernorm = ByteRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ByteRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.layer_scale_init is not None:

@@ -1,6 +1,7 @@
 """ByteModel: the decoder-only language model assembled from the components in this package."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,13 +9,19 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from model.attention import ByteAttention
 from model.config import ByteModelConfig
 from model.decoder_layer import ByteDecoderLayer, ByteLayerScale
+from model.mlp import ByteMLP
+from model.moe import ByteExperts, ByteMoELayer, ByteRouter
 from model.norm import ByteRMSNorm
 from model.rope import ByteDynamicRoPE
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The model takes
+# both names and fills whichever field the installed version's output classes have, so `generate` finds its cache.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
@@ -45,6 +52,14 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int,
     return mask
 
 
+@dataclass
+class ByteMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """transformers' MoE output plus the router z-loss. `aux_loss` and `z_loss` are means over the MoE layers,
+    unweighted; `loss` includes them with their config coefficients while training."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
 class BytePreTrainedModel(PreTrainedModel):
     config_class = ByteModelConfig
     config: ByteModelConfig
@@ -61,9 +76,14 @@ class BytePreTrainedModel(PreTrainedModel):
             # GPT-2 / nanoGPT: the projections that write into the residual stream are scaled by 1/sqrt(2 * layers),
             # so the stream's variance does not grow with depth at initialisation.
             init.normal_(module.o_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
-        elif isinstance(module, ByteDecoderLayer):
-            init.normal_(module.mlp.down_proj.weight, mean=0.0,
-                         std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ByteMLP):
+            init.normal_(module.down_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ByteExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, ByteRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
         elif isinstance(module, ByteLayerScale):
             init.constant_(module.gamma, module.init_value)
         elif isinstance(module, ByteDynamicRoPE):
@@ -97,8 +117,10 @@ class ByteBaseModel(BytePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -136,8 +158,8 @@ class ByteBaseModel(BytePreTrainedModel):
             # Like transformers: the last entry is the normed output.
             all_hidden_states[-1] = hidden_states
         return BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                       past_key_values=past_key_values if use_cache else None,
-                                       hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
+                                       hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+                                       **{CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class ByteModel(BytePreTrainedModel, GenerationMixin):
@@ -165,15 +187,17 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are aligned with `input_ids` and shifted here; -100 is ignored. `shift_labels` (transformers'
         name) are targets already shifted, position t holding the token after t: packed pretraining windows use
         them so that every input position is trained. `num_items_in_batch` (the count of non-ignored labels over
         all accumulated micro-batches) turns the mean into a sum over that count, so gradient accumulation weights
-        every token equally. `logits_to_keep=n` computes logits of the last n only."""
+        every token equally. `logits_to_keep=n` computes logits of the last n only. `cache` is transformers 5.24's
+        name for `past_key_values`."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -183,8 +207,25 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = self.causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        if not self.config.num_experts:
+            return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                          **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+
+        stats = [layer.mlp.router_stats for layer in self.model.layers if isinstance(layer.mlp, ByteMoELayer)]
+        aux_loss = torch.stack([stat.aux_loss for stat in stats]).mean()
+        z_loss = torch.stack([stat.z_loss for stat in stats]).mean()
+        if loss is not None and self.training:
+            # Balancing terms are training objectives only: evaluation loss stays comparable with dense models.
+            weight = 1.0
+            if num_items_in_batch is not None:
+                # This micro-batch's share of the step's targets, as its language-model loss is weighted.
+                targets = shift_labels if shift_labels is not None else labels[:, 1:]
+                weight = targets.ne(-100).sum() / num_items_in_batch
+            loss = loss + weight * (self.config.router_aux_loss_coef * aux_loss
+                                    + self.config.router_z_loss_coef * z_loss)
+        return ByteMoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
+                                             hidden_states=outputs.hidden_states,
+                                             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
     @staticmethod
     def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None,

@@ -1,9 +1,10 @@
-"""Export a saved ByteModel as a plain transformers Llama folder:
+"""Export a saved ByteModel as a plain transformers Llama (dense) or Mixtral (MoE) folder:
 `python scripts/export_hf.py --model DIR --out DIR [--dtype fp32|bf16|fp16] [--force]`.
 
-The result (config.json with model_type "llama", model.safetensors, generation_config.json and the tokenizer when
-the source has them) loads with `LlamaForCausalLM.from_pretrained` or `AutoModelForCausalLM` without this project
-and gives the same logits. Features Llama cannot express (parallel residual, LayerScale, MoE, any parameter Llama
+The result (config.json with model_type "llama" or "mixtral", model.safetensors, generation_config.json and the
+tokenizer when the source has them) loads with `AutoModelForCausalLM` without this project and gives the same logits.
+Features the target cannot express (parallel residual, LayerScale; for MoE: shared experts, sigmoid routing, top-k
+weights that are not renormalised, dense layers between MoE layers, a non-zero routing bias; any parameter the target
 lacks) are refused before anything is written; the folder is written beside --out and renamed into place.
 """
 
@@ -18,8 +19,8 @@ import argparse  # noqa: E402
 import shutil  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import (AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          PreTrainedTokenizerBase)
+from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, MixtralForCausalLM,  # noqa: E402
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from model import ByteModelConfig  # noqa: E402
@@ -30,44 +31,63 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN_KEYS = 3  # parameter names quoted in an error message
 
 
-def check_expressible(config: ByteModelConfig) -> None:
-    """Refuse the configured features that LlamaForCausalLM has no way to compute."""
+def check_expressible(config: ByteModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse the configured features that LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) cannot compute."""
+    target = "Mixtral" if config.num_experts else "Llama"
     if config.parallel_residual:
-        raise InputError("parallel_residual=True cannot be exported: Llama's decoder layer is sequential "
-                         "(attention, then MLP)")
+        raise InputError(f"parallel_residual=True cannot be exported: {target}'s decoder layer is sequential "
+                         f"(attention, then MLP)")
     if config.layer_scale_init is not None:
-        raise InputError(f"layer_scale_init={config.layer_scale_init} cannot be exported: Llama has no LayerScale "
-                         f"parameters")
-    moe = [f"{key}={value!r}" for key, value in sorted(config.to_dict().items()) if key.startswith("moe_") and value]
-    if moe:
-        raise InputError(f"{', '.join(moe)}: a mixture-of-experts model cannot be exported as Llama; MoE models have "
-                         f"their own Mixtral export")
+        raise InputError(f"layer_scale_init={config.layer_scale_init} cannot be exported: {target} has no "
+                         f"LayerScale parameters")
+    if not config.num_experts:
+        return
+    refusals = ((config.num_shared_experts, f"num_shared_experts={config.num_shared_experts}",
+                 "Mixtral has no shared experts"),
+                (config.scoring_func != "softmax", f"scoring_func={config.scoring_func!r}",
+                 "Mixtral's router is a softmax"),
+                (not config.norm_topk_prob, "norm_topk_prob=False", "Mixtral always renormalises the top-k weights"),
+                (config.decoder_sparse_step != 1, f"decoder_sparse_step={config.decoder_sparse_step}",
+                 "every Mixtral layer is a mixture of experts"),
+                (config.attention_bias, "attention_bias=True", "Mixtral's attention has no biases"))
+    for problem, setting, reason in refusals:
+        if problem:
+            raise InputError(f"{setting} cannot be exported: {reason}")
+    biased = sorted(name for name, tensor in state_dict.items() if name.endswith("gate.expert_bias") and tensor.any())
+    if biased:
+        raise InputError(f"{biased[0]} is non-zero (router_bias_update_rate trained a routing bias) and cannot be "
+                         f"exported: Mixtral's router has no bias, so it would choose different experts")
 
 
-def llama_config_from(config: ByteModelConfig, dtype: torch.dtype) -> LlamaConfig:
-    llama = config.to_llama_config()
-    llama.dtype = dtype
-    return llama
+def target_config_from(config: ByteModelConfig, dtype: torch.dtype) -> PretrainedConfig:
+    target = config.to_mixtral_config() if config.num_experts else config.to_llama_config()
+    target.dtype = dtype
+    return target
 
 
-def build_llama(state_dict: dict[str, torch.Tensor], llama_config: LlamaConfig) -> LlamaForCausalLM:
-    """LlamaForCausalLM holding `state_dict`, built on the meta device (no second copy of the weights, no init
-    time); refuses names or shapes that differ from Llama's."""
+def build_target(state_dict: dict[str, torch.Tensor], target_config: PretrainedConfig) -> PreTrainedModel:
+    """LlamaForCausalLM or MixtralForCausalLM holding `state_dict`, built on the meta device (no second copy of the
+    weights, no init time); refuses names or shapes that differ from the target's."""
+    model_class, target = ((MixtralForCausalLM, "Mixtral") if target_config.model_type == "mixtral"
+                           else (LlamaForCausalLM, "Llama"))
+    if model_class is MixtralForCausalLM:
+        # The zero routing bias (checked) is the only MoE tensor Mixtral has no counterpart for.
+        state_dict = {name: tensor for name, tensor in state_dict.items() if not name.endswith("gate.expert_bias")}
     with torch.device("meta"):
-        llama = LlamaForCausalLM(llama_config)
-    expected = {name: tensor.shape for name, tensor in llama.state_dict().items()}
-    for problem, names in (("parameters Llama lacks", sorted(set(state_dict) - set(expected))),
-                           ("Llama parameters missing from the model", sorted(set(expected) - set(state_dict)))):
+        exported = model_class(target_config)
+    expected = {name: tensor.shape for name, tensor in exported.state_dict().items()}
+    for problem, names in ((f"parameters {target} lacks", sorted(set(state_dict) - set(expected))),
+                           (f"{target} parameters missing from the model", sorted(set(expected) - set(state_dict)))):
         if names:
             more = f" (and {len(names) - SHOWN_KEYS} more)" if len(names) > SHOWN_KEYS else ""
-            raise InputError(f"cannot be exported as Llama: {problem}: {', '.join(names[:SHOWN_KEYS])}{more}")
+            raise InputError(f"cannot be exported as {target}: {problem}: {', '.join(names[:SHOWN_KEYS])}{more}")
     for name, tensor in state_dict.items():
         if tensor.shape != expected[name]:
-            raise InputError(f"cannot be exported as Llama: {name} has shape {tuple(tensor.shape)}, Llama expects "
-                             f"{tuple(expected[name])}")
-    llama.load_state_dict(state_dict, strict=True, assign=True)
-    llama.tie_weights()  # assign=True replaced lm_head's parameter; share it with the embedding again if tied
-    return llama.eval()
+            raise InputError(f"cannot be exported as {target}: {name} has shape {tuple(tensor.shape)}, {target} "
+                             f"expects {tuple(expected[name])}")
+    exported.load_state_dict(state_dict, strict=True, assign=True)
+    exported.tie_weights()  # assign=True replaced lm_head's parameter; share it with the embedding again if tied
+    return exported.eval()
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
@@ -99,11 +119,11 @@ def check_out(out: Path, source: Path, force: bool) -> None:
         raise InputError(f"--out {out} would replace the --model folder {source}")
 
 
-def write_folder(folder: Path, llama: LlamaForCausalLM, generation_config: GenerationConfig | None,
+def write_folder(folder: Path, exported: PreTrainedModel, generation_config: GenerationConfig | None,
                  tokenizer: PreTrainedTokenizerBase | None) -> None:
     if generation_config is not None:
-        llama.generation_config = generation_config
-    llama.save_pretrained(folder)
+        exported.generation_config = generation_config
+    exported.save_pretrained(folder)
     if generation_config is None:
         # save_pretrained always writes the defaults derived from config.json; the source had no settings to keep.
         (folder / "generation_config.json").unlink(missing_ok=True)
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved ByteModel folder (final/, best/ or a checkpoint "
                                                        "step folder)")
-    parser.add_argument("--out", required=True, help="the Llama folder to write")
+    parser.add_argument("--out", required=True, help="the Llama or Mixtral folder to write")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the export (default fp32)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)
@@ -124,10 +144,9 @@ def main(argv: list[str] | None = None) -> Path:
     # Everything that can refuse runs before the first byte is written.
     check_out(out, source, args.force)
     model = load_model_folder(source)
-    check_expressible(model.config)
-    llama_config = llama_config_from(model.config, dtype)
     state_dict = {name: tensor.to(dtype) for name, tensor in model.state_dict().items()}
-    llama = build_llama(state_dict, llama_config)
+    check_expressible(model.config, state_dict)
+    exported = build_target(state_dict, target_config_from(model.config, dtype))
     generation_config = load_generation_config(source)
     tokenizer = load_tokenizer(source)
 
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)  # left by an export that crashed
         temporary.mkdir()
-        write_folder(temporary, llama, generation_config, tokenizer)
+        write_folder(temporary, exported, generation_config, tokenizer)
         publish_folder(temporary, target)
     except OSError as error:  # an unwritable place or a full disk: the user's to fix, like any other bad input
         raise InputError(f"cannot write {out}: {error}") from None
@@ -146,11 +165,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     if model.config.drop_path_rate > 0:
         print(f"note: drop_path_rate={model.config.drop_path_rate} (stochastic depth) is training-only and is not "
-              f"part of the Llama export; inference is unchanged")
-    parameters = sum(tensor.numel() for tensor in llama.parameters())
+              f"part of the export; inference is unchanged")
+    if model.config.num_experts and model.config.moe_capacity_factor is not None:
+        print(f"note: moe_capacity_factor={model.config.moe_capacity_factor} limits experts while training only; "
+              f"inference was already dropless, as Mixtral is")
+    parameters = sum(tensor.numel() for tensor in exported.parameters())
     extras = [name for name, present in (("generation config", generation_config), ("tokenizer", tokenizer))
               if present is not None]
-    print(f"exported {source} -> {out}: LlamaForCausalLM, {parameters:,} parameters, {args.dtype}"
+    print(f"exported {source} -> {out}: {type(exported).__name__}, {parameters:,} parameters, {args.dtype}"
           + (f", with {' and '.join(extras)}" if extras else ""))
     return out
 

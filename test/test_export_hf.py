@@ -1,6 +1,6 @@
-"""scripts/export_hf.py: a ByteModel exported as a plain transformers Llama folder gives the same logits and greedy
-tokens in a process that never imports this project; features Llama lacks are refused with one line, exit code 2
-and nothing written.
+"""scripts/export_hf.py: a ByteModel exported as a plain transformers Llama (dense) or Mixtral (MoE) folder gives the
+same logits and greedy tokens in a process that never imports this project; features the target lacks are refused
+with one line, exit code 2 and nothing written.
 
 Every command-line run is started at once and awaited together (each process mostly pays the torch/transformers
 import, which overlaps well even on two cores); the Llama side of the parity check is one more process that loads
@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from helpers import randomize_, tiny_config
 from model import ByteModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from export_hf import build_llama, check_expressible, llama_config_from, main  # noqa: E402
+from export_hf import build_target, check_expressible, main, target_config_from  # noqa: E402
 from utils.config import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,10 @@ GENERATION = dict(max_new_tokens=7, temperature=0.7, top_p=0.9, do_sample=True, 
 PARITY_CASES = {
     "tied_default": dict(tie_word_embeddings=True, drop_path_rate=0.1),
     "untied_dynamic": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    # Mixtral: 4 experts, top-2, with a training-only capacity limit (noted, not refused).
+    "moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, moe_capacity_factor=1.25),
 }
+TARGET_CLASSES = {"tied_default": "LlamaForCausalLM", "untied_dynamic": "LlamaForCausalLM", "moe": "MixtralForCausalLM"}
 REFUSALS = {
     "parallel_residual": "parallel_residual=True cannot be exported",
     "layer_scale": "layer_scale_init=0.0001 cannot be exported",
@@ -50,20 +53,19 @@ REFUSALS = {
 LOADER = r"""
 import json, sys
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 request = json.loads(sys.argv[1])
 greedy = GenerationConfig(do_sample=False, max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"],
                           eos_token_id=None, pad_token_id=0)
 results = {}
 for folder in request["folders"]:
-    llama = LlamaForCausalLM.from_pretrained(folder).eval()
+    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
-        logits = llama(torch.tensor([request["input_ids"]])).logits[0]
+        logits = exported(torch.tensor([request["input_ids"]])).logits[0]
         prompt = torch.tensor([request["prompt_ids"]])
-        tokens = llama.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)[0]
-    result = {"logits": logits.tolist(), "tokens": tokens.tolist(),
-              "auto_class": type(AutoModelForCausalLM.from_pretrained(folder)).__name__}
+        tokens = exported.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=greedy)[0]
+    result = {"logits": logits.tolist(), "tokens": tokens.tolist(), "auto_class": type(exported).__name__}
     try:
         result["tokenizer_ids"] = AutoTokenizer.from_pretrained(folder)(request["text"])["input_ids"]
     except (OSError, ValueError):  # no tokenizer in this export
@@ -184,7 +186,7 @@ def test_export_gives_the_same_logits_and_greedy_tokens_without_the_project(runs
     byte_logits, byte_tokens = runs["byte"][case]
     llama = runs["llama"][case]
     assert runs["model_imported"] is False
-    assert llama["auto_class"] == "LlamaForCausalLM"
+    assert llama["auto_class"] == TARGET_CLASSES[case]
     llama_logits = torch.tensor(llama["logits"])
     assert llama_logits.shape == byte_logits.shape == (INPUT_LENGTH, tiny_config().vocab_size)
     assert (llama_logits - byte_logits).abs().max().item() < MAX_ABS_DIFF
@@ -193,19 +195,26 @@ def test_export_gives_the_same_logits_and_greedy_tokens_without_the_project(runs
 
 
 @pytest.mark.parametrize("case", PARITY_CASES)
-def test_config_is_plain_llama(runs, case):
+def test_config_is_plain_llama_or_mixtral(runs, case):
     config = json.loads((runs[case][3] / "out" / "config.json").read_text())
     source = json.loads((runs[case][3] / "src" / "config.json").read_text())
-    assert config["model_type"] == "llama"
-    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["architectures"] == [TARGET_CLASSES[case]]
     assert "auto_map" not in config
-    assert not {"parallel_residual", "layer_scale_init", "drop_path_rate"} & set(config)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+    assert not {"parallel_residual", "layer_scale_init", "drop_path_rate", "scoring_func", "moe_capacity_factor",
+                "router_bias_update_rate"} & set(config)
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings"):
         assert config[key] == source[key], key
+    if case == "moe":
+        assert config["model_type"] == "mixtral"
+        assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+        assert config["intermediate_size"] == source["moe_intermediate_size"] == 48
+    else:
+        assert config["model_type"] == "llama"
+        for key in ("intermediate_size", "attention_bias", "mlp_bias"):
+            assert config[key] == source[key], key
     with safe_open(runs[case][3] / "out" / "model.safetensors", "pt") as weights:
-        # A tied export stores the embedding once, as transformers' own Llama checkpoints do.
+        # A tied export stores the embedding once, as transformers' own checkpoints do.
         assert ("lm_head.weight" in weights.keys()) == (not config["tie_word_embeddings"])
 
 
@@ -236,6 +245,7 @@ def test_drop_path_is_noted(runs):
     assert "note: drop_path_rate=0.1" in stdout
     assert "exported" in stdout.splitlines()[-1]
     assert "note" not in runs["untied_dynamic"][1]
+    assert "note: moe_capacity_factor=1.25" in runs["moe"][1]
 
 
 # ---------------------------------------------------------------- refusals
@@ -259,26 +269,47 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(runs, case):
 
 def test_parameters_outside_llama_are_refused_by_name():
     model = build()
-    config = llama_config_from(model.config, torch.float32)
+    config = target_config_from(model.config, torch.float32)
     extra = {**model.state_dict(), "model.layers.0.attn_layer_scale.gamma": torch.ones(64)}
     with pytest.raises(InputError, match="parameters Llama lacks: model.layers.0.attn_layer_scale.gamma"):
-        build_llama(extra, config)
+        build_target(extra, config)
     missing = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("model.layers.1.")}
     with pytest.raises(InputError, match=r"missing from the model: model\.layers\.1\.input_layernorm\.weight, "
                                          r".*\(and 6 more\)"):
-        build_llama(missing, config)
+        build_target(missing, config)
 
 
 # ---------------------------------------------------------------- in process
 
 
-def test_moe_settings_are_refused():
-    # A future MoE config carries moe_* fields; a falsy one (an MoE switch left off) is no obstacle.
-    config = tiny_config(moe_num_experts=0)
-    check_expressible(config)
-    config.moe_num_experts = 4
-    with pytest.raises(InputError, match="moe_num_experts=4: .*MoE models have their own Mixtral export"):
-        check_expressible(config)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+MOE_REFUSALS = {
+    "shared": (dict(num_shared_experts=1), "num_shared_experts=1 cannot be exported: Mixtral has no shared experts"),
+    "sigmoid": (dict(scoring_func="sigmoid"), "scoring_func='sigmoid' cannot be exported: Mixtral's router is a "
+                                              "softmax"),
+    "not_renormalised": (dict(norm_topk_prob=False), "norm_topk_prob=False cannot be exported"),
+    "sparse_step": (dict(decoder_sparse_step=2), "decoder_sparse_step=2 cannot be exported: every Mixtral layer"),
+    "parallel": (dict(parallel_residual=True), "parallel_residual=True cannot be exported: Mixtral's decoder layer"),
+}
+
+
+@pytest.mark.parametrize("case", MOE_REFUSALS)
+def test_moe_features_mixtral_lacks_are_refused(case):
+    overrides, message = MOE_REFUSALS[case]
+    model = build(**MOE, **overrides)
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        check_expressible(model.config, model.state_dict())
+
+
+def test_a_trained_routing_bias_is_refused_and_a_zero_one_is_not_exported():
+    model = build(**MOE)
+    check_expressible(model.config, model.state_dict())
+    exported = build_target(model.state_dict(), target_config_from(model.config, torch.float32))
+    assert type(exported).__name__ == "MixtralForCausalLM"
+    assert not any("expert_bias" in name for name in exported.state_dict())
+    model.model.layers[1].mlp.gate.expert_bias[2] = 1e-3
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.gate\.expert_bias is non-zero"):
+        check_expressible(model.config, model.state_dict())
 
 
 def test_bf16_export_holds_the_cast_weights(tmp_path):

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import tiny_config
-from model import ByteModel, ByteModelConfig
+from model import CACHE_FIELD, ByteModel, ByteModelConfig
 from utils.checkpoint import load_model_folder as load_model
 from utils.config import InputError
 from utils.model_info import (COMPONENTS, config_from_yaml, flops_per_token, inference_memory, main,
@@ -245,7 +245,7 @@ def test_inference_kv_cache_matches_a_real_bf16_cache(context):
     model = build().eval().to(torch.bfloat16)
     input_ids = torch.randint(0, 128, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        cache = model(input_ids, use_cache=True).past_key_values
+        cache = getattr(model(input_ids, use_cache=True), CACHE_FIELD)
     stored = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                  for layer in cache.layers)
     [row] = inference_memory(model.config, parameter_counts(model)["total"], [context], precision="bf16")

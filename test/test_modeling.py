@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from helpers import ATOL, GRAD_TOL, llama_config_from, randomize_, tiny_config
-from model import ByteBaseModel, ByteModel, ByteModelConfig
+from model import CACHE_FIELD, ByteBaseModel, ByteModel, ByteModelConfig
 
 VOCAB = 128
 GEN = dict(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
@@ -142,10 +142,10 @@ def test_kv_cache_decoding_matches_full_forward(num_kv):
     byte, llama = make_pair(num_key_value_heads=num_kv)
     ids = random_ids(2, 14, seed=6)
     full = byte(ids, use_cache=False).logits
-    assert byte(ids, use_cache=False).past_key_values is None
+    assert getattr(byte(ids, use_cache=False), CACHE_FIELD) is None
     cache = DynamicCache(config=byte.config)
     out = byte(ids[:, :5], past_key_values=cache, use_cache=True)
-    assert out.past_key_values is cache and cache.get_seq_length() == 5
+    assert getattr(out, CACHE_FIELD) is cache and cache.get_seq_length() == 5
     steps = [out.logits]
     for t in range(5, 14):
         out = byte(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
@@ -178,10 +178,10 @@ def test_default_cache_in_eval_none_in_train(pair):
     byte, _ = pair
     ids = random_ids(1, 4)
     out = byte(ids)
-    assert isinstance(out.past_key_values, DynamicCache) and out.past_key_values.get_seq_length() == 4
+    assert isinstance(getattr(out, CACHE_FIELD), DynamicCache) and getattr(out, CACHE_FIELD).get_seq_length() == 4
     byte.train()
     try:
-        assert byte(ids).past_key_values is None
+        assert getattr(byte(ids), CACHE_FIELD) is None
     finally:
         byte.eval()
 
