@@ -231,6 +231,18 @@ class ModelSection:
     layer_scale_init: float | None = None
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
+    # Mixture of Experts (off while num_experts is 0); see ByteModelConfig for each field.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    decoder_sparse_step: int = 1
+    moe_capacity_factor: float | None = None
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
     init_from: str | None = None  # a model folder to start from instead of random weights
 
 

@@ -1,7 +1,8 @@
 """What a model costs and what it looks like inside: `python utils/model_info.py [--config FILE | --model DIR]`.
 
-Counts parameters (total, trainable, embedding, by component and per layer), training FLOPs per token by component,
-training and inference memory, and, for a trained model, per-layer weight statistics. Prints a summary, writes
+Counts parameters (total, trainable, embedding, by component and per layer; for MoE also those active per token),
+training FLOPs per token by component, training and inference memory, and, for a trained model, per-layer weight
+statistics and, for MoE, how its routers spread text over the experts (`--data`). Prints a summary, writes
 `model_info/<name>_report.md` and the pictures in `model_info/plots/`.
 """
 
@@ -19,10 +20,11 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from model import ByteModel, ByteModelConfig  # noqa: E402
+from model import ByteModel, ByteModelConfig, moe_layers  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.config import (InputError, ModelSection, build_config, exit_on_input_error, model_config_from,  # noqa: E402
                           read_yaml)
+from utils.data import document_texts, read_jsonl  # noqa: E402
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -61,8 +63,16 @@ def parameter_counts(model: nn.Module) -> dict:
         if layer is not None:
             per_layer.setdefault(layer, dict.fromkeys(("attention", "mlp", "norms"), 0))[component] += count
     embedding = by_component["embeddings"]
-    return {"total": total, "trainable": trainable, "embedding": embedding, "non_embedding": total - embedding,
-            "by_component": by_component, "per_layer": [per_layer[index] for index in sorted(per_layer)]}
+    counts = {"total": total, "trainable": trainable, "embedding": embedding, "non_embedding": total - embedding,
+              "by_component": by_component, "per_layer": [per_layer[index] for index in sorted(per_layer)]}
+    config = getattr(model, "config", None)
+    if getattr(config, "num_experts", 0):
+        # A token runs through k of the routed experts: the other experts' weights are idle for it.
+        idle = sum((layer.num_experts - layer.top_k) * (layer.experts.gate_up_proj[0].numel()
+                                                        + layer.experts.down_proj[0].numel())
+                   for layer in moe_layers(model))
+        counts["active_per_token"] = total - idle
+    return counts
 
 
 def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
@@ -75,8 +85,12 @@ def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
     layers = config.num_hidden_layers
     projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o: heads; k and v: kv heads
     scores_and_values = 2 * 2 * seq_len * heads * head_dim
-    mlp = 2 * 3 * hidden * config.intermediate_size
-    forward = {"attention": layers * (projections + scores_and_values), "mlp": layers * mlp,
+    moe = sum(config.is_moe_layer(index) for index in range(layers))
+    # An MoE layer: the router, then k routed experts and the shared ones, each a SwiGLU of moe_intermediate_size.
+    moe_mlp = (2 * hidden * config.num_experts
+               + 2 * 3 * hidden * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts))
+    mlp = (layers - moe) * 2 * 3 * hidden * config.intermediate_size + moe * moe_mlp
+    forward = {"attention": layers * (projections + scores_and_values), "mlp": mlp,
                "lm_head": 2 * hidden * config.vocab_size}
     return {name: 3.0 * value for name, value in forward.items()}
 
@@ -112,15 +126,73 @@ def inference_memory(config: ByteModelConfig, parameters: int, contexts: list[in
 
 
 def weight_statistics(model: nn.Module) -> dict[str, list]:
-    """Per layer and matrix: Frobenius norm and the fraction of near-zero entries."""
+    """Per layer and matrix: Frobenius norm and the fraction of near-zero entries. In an MoE layer gate_proj, up_proj
+    and down_proj are those of all routed experts together."""
     matrices = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     norms, near_zero = [], []
     for layer in model.model.layers:
-        modules = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
-        weights = [modules[name].weight.detach().float() for name in matrices]
+        weights = {name: getattr(layer.self_attn, name).weight for name in matrices[:4]}
+        if hasattr(layer.mlp, "experts"):
+            gate, up = layer.mlp.experts.gate_up_proj.chunk(2, dim=1)
+            weights.update(gate_proj=gate, up_proj=up, down_proj=layer.mlp.experts.down_proj)
+        else:
+            weights.update({name: getattr(layer.mlp, name).weight for name in matrices[4:]})
+        weights = [weights[name].detach().float() for name in matrices]
         norms.append([weight.norm().item() for weight in weights])
         near_zero.append([(weight.abs() < NEAR_ZERO).float().mean().item() for weight in weights])
     return {"matrices": list(matrices), "norms": norms, "near_zero_fraction": near_zero}
+
+
+@torch.no_grad()
+def routing_statistics(model: ByteModel, sequences: list[list[int]]) -> dict:
+    """Route token sequences through an MoE model and report, per MoE layer, each expert's share of the token-slots,
+    the fraction the training capacity limit would drop, and the balancing losses (aux 1.0 = balanced).
+
+    The model runs in evaluation mode except its MoE layers, which run as in training so that a capacity limit
+    applies (routing itself is the same in both modes)."""
+    layers = moe_layers(model)
+    model.eval()
+    for layer in layers:
+        layer.train()
+    counts = torch.zeros(len(layers), layers[0].num_experts)
+    dropped, aux, z, tokens = torch.zeros(len(layers)), torch.zeros(len(layers)), torch.zeros(len(layers)), 0
+    try:
+        for sequence in sequences:
+            model(torch.tensor([sequence]), use_cache=False)
+            for index, layer in enumerate(layers):
+                stats = layer.router_stats
+                counts[index] += stats.expert_counts.float().cpu()
+                dropped[index] += float(stats.dropped)
+                aux[index] += float(stats.aux_loss) * len(sequence)
+                z[index] += float(stats.z_loss) * len(sequence)
+            tokens += len(sequence)
+    finally:
+        model.eval()
+    slots = counts.sum(dim=1).clamp(min=1)
+    load = counts / slots[:, None]
+    layer_indices = [index for index in range(model.config.num_hidden_layers) if model.config.is_moe_layer(index)]
+    return {"tokens": tokens, "layers": layer_indices, "expert_load": load.tolist(),
+            "max_load": (load.max(dim=1).values * load.shape[1]).tolist(), "dropped_frac": (dropped / slots).tolist(),
+            "aux_loss": (aux / max(tokens, 1)).tolist(), "z_loss": (z / max(tokens, 1)).tolist()}
+
+
+def routing_sequences(data: Path, tokenizer_folder: Path, seq_len: int, max_tokens: int) -> list[list[int]]:
+    """Up to `max_tokens` tokens of a JSONL text file, in windows of at most seq_len."""
+    from transformers import AutoTokenizer
+
+    if not (tokenizer_folder / "tokenizer.json").is_file():
+        raise InputError(f"no tokenizer in {tokenizer_folder} to encode --data with; pass --tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    ids: list[int] = []
+    for _, record in read_jsonl(data):
+        for text in document_texts(record):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if not ids:
+        raise InputError(f"--data {data} holds no text")
+    return [ids[start:start + seq_len] for start in range(0, len(ids), seq_len)]
 
 
 # ---------------------------------------------------------------- loading
@@ -166,7 +238,8 @@ def _tokenizer_vocab_size(folder: str, config_path: Path) -> int:
 # ---------------------------------------------------------------- the report
 
 
-def build_report(model: ByteModel, seq_len: int, batch_size: int, trained: bool) -> dict:
+def build_report(model: ByteModel, seq_len: int, batch_size: int, trained: bool,
+                 routing_data: list[list[int]] | None = None) -> dict:
     config = model.config
     counts = parameter_counts(model)
     flops = flops_per_token(config, seq_len)
@@ -175,6 +248,10 @@ def build_report(model: ByteModel, seq_len: int, batch_size: int, trained: bool)
                                                          "num_hidden_layers", "num_attention_heads",
                                                          "num_key_value_heads", "head_dim", "tie_word_embeddings",
                                                          "max_position_embeddings")},
+        **({"moe": {key: getattr(config, key) for key in (
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts", "decoder_sparse_step",
+            "moe_capacity_factor", "scoring_func", "norm_topk_prob", "router_aux_loss_coef", "router_z_loss_coef",
+            "router_bias_update_rate")}} if config.num_experts else {}),
         "parameters": counts,
         "seq_len": seq_len, "batch_size": batch_size,
         "flops_per_token": {**flops, "total": sum(flops.values())},
@@ -185,6 +262,8 @@ def build_report(model: ByteModel, seq_len: int, batch_size: int, trained: bool)
     }
     if trained:
         report["weights"] = weight_statistics(model)
+    if routing_data:
+        report["routing"] = routing_statistics(model, routing_data)
     return report
 
 
@@ -268,6 +347,19 @@ def write_plots(report: dict, name: str, plots: Path) -> list[Path]:
             figure.colorbar(image, ax=axis)
         figure.tight_layout()
         written.append(_save(figure, plots / f"{name}_weights.png"))
+
+    if "routing" in report:
+        routing = report["routing"]
+        figure, axis = plt.subplots(figsize=(max(5.0, 0.5 * len(routing["expert_load"][0]) + 3),
+                                             0.5 * len(routing["layers"]) + 2.5))
+        image = axis.imshow(routing["expert_load"], aspect="auto", cmap="magma")
+        axis.set_xlabel("expert")
+        axis.set_yticks(range(len(routing["layers"])), routing["layers"])
+        axis.set_ylabel("layer")
+        axis.set_title("share of token-slots per expert")
+        figure.colorbar(image, ax=axis)
+        figure.tight_layout()
+        written.append(_save(figure, plots / f"{name}_routing.png"))
     return written
 
 
@@ -283,10 +375,12 @@ def markdown(report: dict, name: str, source: str, plots: list[Path], out_dir: P
     counts = report["parameters"]
     lines = [f"# Model report: {name}", "", f"Source: `{source}`", "",
              "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in report["config"].items()]
+    lines += [f"| {key} | {value} |" for key, value in {**report["config"], **report.get("moe", {})}.items()]
     lines += ["", "## Parameters", "", "| | count |", "|---|---|",
               f"| total | {counts['total']:,} |", f"| trainable | {counts['trainable']:,} |",
               f"| embedding | {counts['embedding']:,} |", f"| non-embedding | {counts['non_embedding']:,} |"]
+    if "active_per_token" in counts:
+        lines.append(f"| active per token (k of the routed experts) | {counts['active_per_token']:,} |")
     lines += [f"| {component} | {count:,} |" for component, count in counts["by_component"].items()]
     lines += ["", "| layer | attention | mlp | norms |", "|---|---|---|---|"]
     lines += [f"| {index} | {layer['attention']:,} | {layer['mlp']:,} | {layer['norms']:,} |"
@@ -317,7 +411,20 @@ def markdown(report: dict, name: str, source: str, plots: list[Path], out_dir: P
                   "|---|" + "---|" * len(weights["matrices"])]
         lines += [f"| {index} | " + " | ".join(f"{norm:.2f} ({zero:.1%})" for norm, zero in zip(norms, zeros)) + " |"
                   for index, (norms, zeros) in enumerate(zip(weights["norms"], weights["near_zero_fraction"]))]
-        lines += ["", f"Frobenius norm (fraction of entries with |w| < {NEAR_ZERO:g})."]
+        lines += ["", f"Frobenius norm (fraction of entries with |w| < {NEAR_ZERO:g}); in MoE layers gate/up/down are all "
+                  "routed experts together."]
+    if "routing" in report:
+        routing = report["routing"]
+        experts = len(routing["expert_load"][0])
+        lines += ["", f"## Routing ({routing['tokens']:,} tokens of `{report.get('routing_source', 'data')}`)", "",
+                  "Share of token-slots per expert (1/experts = balanced); max load = busiest share x experts; "
+                  "dropped = share the training capacity limit drops; aux loss 1.0 = balanced.", "",
+                  "| layer | " + " | ".join(f"e{index}" for index in range(experts))
+                  + " | max load | dropped | aux loss | z-loss |", "|---|" + "---|" * (experts + 4)]
+        for index, layer in enumerate(routing["layers"]):
+            lines.append(f"| {layer} | " + " | ".join(f"{share:.3f}" for share in routing["expert_load"][index])
+                         + f" | {routing['max_load'][index]:.2f} | {routing['dropped_frac'][index]:.1%} | "
+                         f"{routing['aux_loss'][index]:.3f} | {routing['z_loss'][index]:.2f} |")
     lines += [""] + [f"![{path.stem}]({path.relative_to(out_dir).as_posix()})" for path in plots] + [""]
     return "\n".join(lines)
 
@@ -327,7 +434,8 @@ def print_summary(report: dict, name: str) -> None:
     from rich.table import Table
 
     counts, flops = report["parameters"], report["flops_per_token"]
-    table = Table(title=f"{name}: {counts['total'] / 1e6:.2f}M parameters")
+    active = (f", {counts['active_per_token'] / 1e6:.2f}M active per token" if "active_per_token" in counts else "")
+    table = Table(title=f"{name}: {counts['total'] / 1e6:.2f}M parameters{active}")
     table.add_column("component")
     table.add_column("parameters", justify="right")
     table.add_column("training FLOPs/token", justify="right")
@@ -339,6 +447,10 @@ def print_summary(report: dict, name: str) -> None:
     fp32 = report["training_memory"]["fp32"]
     console.print(f"training memory (fp32, batch {report['batch_size']} x {report['seq_len']}): "
                   f"{mebibytes(fp32['total'])}, with gradient checkpointing {mebibytes(fp32['total_checkpointed'])}")
+    if "routing" in report:
+        routing = report["routing"]
+        console.print("routing (max load, 1.0 = balanced): " + ", ".join(
+            f"layer {layer} {load:.2f}" for layer, load in zip(routing["layers"], routing["max_load"])))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -352,6 +464,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch for the training memory estimate")
     parser.add_argument("--out", default="model_info", help="folder of the report (plots go to OUT/plots)")
     parser.add_argument("--name", help="report name (default: from the config or model folder)")
+    parser.add_argument("--data", default="datasets/demo/pretrain_val.jsonl",
+                        help="MoE models given with --model: text (JSONL) to measure expert load on")
+    parser.add_argument("--tokenizer", help="tokenizer for --data (default: the model folder's, else tokenizer/)")
+    parser.add_argument("--routing-tokens", type=int, default=8192, help="tokens of --data to route (default 8192)")
     args = parser.parse_args(argv)
 
     if args.seq_len is not None and args.seq_len < 1 or args.batch_size < 1:
@@ -371,7 +487,15 @@ def main(argv: list[str] | None = None) -> Path:
         trained = False
         name = args.name or path.stem
         seq_len = args.seq_len or config_seq_len
-    report = build_report(model, seq_len, args.batch_size, trained)
+    routing_data = None
+    if trained and model.config.num_experts and args.routing_tokens > 0:
+        tokenizer = Path(args.tokenizer) if args.tokenizer else (
+            path if (path / "tokenizer.json").is_file() else Path("tokenizer"))
+        routing_data = routing_sequences(Path(args.data), tokenizer, min(seq_len, model.config.max_position_embeddings),
+                                         args.routing_tokens)
+    report = build_report(model, seq_len, args.batch_size, trained, routing_data)
+    if routing_data:
+        report["routing_source"] = args.data
     out_dir = Path(args.out)
     plots = write_plots(report, name, out_dir / "plots")
     report_path = out_dir / f"{name}_report.md"

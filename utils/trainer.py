@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from model import ByteModel
+from model import ByteModel, moe_layers, update_expert_bias
 from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
 from utils.config import InputError, TrainingConfig, config_to_dict, error_summary, model_config_from, save_config
 from utils.data import ResumableSampler
@@ -153,13 +153,68 @@ class MetricsWriter:
             handle.write(json.dumps(row) + "\n")
         if self.run is not None:
             step = row["step"]
-            self.run.log({key: value for key, value in row.items() if key != "step" and value is not None},
-                         step=step)
+            # Scalars only: lists (the per-expert load) stay in metrics.jsonl.
+            self.run.log({key: value for key, value in row.items()
+                          if key != "step" and isinstance(value, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class RouterMonitor:
+    """Expert load, dropped token-slots and the balancing losses of an MoE model, summed over micro-batches and
+    processes; applies the auxiliary-loss-free bias update after every optimizer step. Does nothing for a dense
+    model."""
+
+    def __init__(self, model: nn.Module, bias_update_rate: float, context):
+        self.layers = moe_layers(model)
+        self.rate, self.context = bias_update_rate, context
+        self.enabled = bool(self.layers)
+        if self.enabled:
+            shape = (len(self.layers), self.layers[0].num_experts)
+            self.step_counts = torch.zeros(shape, device=context.device)
+            self.step_dropped = torch.zeros(len(self.layers), device=context.device)
+            self.window_counts, self.window_dropped = torch.zeros_like(self.step_counts), torch.zeros_like(
+                self.step_dropped)
+            self.window_losses = torch.zeros(3, device=context.device)  # aux, z, micro-batches
+
+    def after_forward(self, outputs) -> None:
+        if not self.enabled:
+            return
+        self.step_counts += torch.stack([layer.router_stats.expert_counts for layer in self.layers])
+        self.step_dropped += torch.stack([layer.router_stats.dropped for layer in self.layers])
+        self.window_losses += torch.stack([outputs.aux_loss.detach().float(), outputs.z_loss.detach().float(),
+                                           torch.ones((), device=self.context.device)])
+
+    def after_step(self, model: nn.Module, applied: bool) -> None:
+        if not self.enabled:
+            return
+        counts = all_reduce_sum(self.step_counts, self.context)
+        if self.rate > 0 and applied:
+            update_expert_bias(model, counts, self.rate)
+        self.window_counts += counts
+        self.window_dropped += all_reduce_sum(self.step_dropped, self.context)
+        self.step_counts.zero_()
+        self.step_dropped.zero_()
+
+    def metrics(self) -> dict:
+        """Means over the logging window: `expert_load` is each MoE layer's share of token-slots per expert,
+        `max_load` the busiest expert's share times the number of experts (1.0 = balanced)."""
+        if not self.enabled:
+            return {}
+        aux, z, micro_batches = all_reduce_sum(self.window_losses, self.context).tolist()
+        slots = self.window_counts.sum(dim=1).clamp(min=1)
+        load = self.window_counts / slots[:, None]
+        row = {"aux_loss": aux / max(micro_batches, 1), "z_loss": z / max(micro_batches, 1),
+               "dropped_frac": (self.window_dropped.sum() / slots.sum()).item(),
+               "max_load": (load.max() * load.shape[1]).item(),
+               "expert_load": [[round(value, 4) for value in layer] for layer in load.tolist()]}
+        self.window_counts.zero_()
+        self.window_dropped.zero_()
+        self.window_losses.zero_()
+        return row
 
 
 class Trainer:
@@ -385,6 +440,7 @@ class Trainer:
         start_time, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
         losses: list[float] = []
         last_eval = None
+        router = RouterMonitor(model, getattr(unwrap_model(model).config, "router_bias_update_rate", 0.0), context)
 
         def trainer_state() -> dict:
             if self.sampler is None:
@@ -414,7 +470,9 @@ class Trainer:
                 model.train()
                 for index, batch in enumerate(micro_batches):
                     with self.gradient_sync(model, index == accumulation - 1), autocast:
-                        loss = forward_model(**batch, num_items_in_batch=num_items).loss
+                        outputs = forward_model(**batch, num_items_in_batch=num_items)
+                    router.after_forward(outputs)
+                    loss = outputs.loss
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
                 step_loss = all_reduce_sum(step_loss.float(), context) / context.world_size
@@ -432,6 +490,7 @@ class Trainer:
                                 f"({bad_in_row} in a row, {state['bad_steps']} in total)")
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                router.after_step(model, applied=finite)
                 scheduler.step()
                 state["step"] += 1
                 step_tokens = int(sum(batch["input_ids"].numel() for batch in micro_batches)) * context.world_size
@@ -453,7 +512,7 @@ class Trainer:
                     row = {"step": state["step"], "loss": step_loss.item() if finite else None,
                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm if finite else None,
                            "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops,
-                           "elapsed_s": time.perf_counter() - start_time}
+                           "elapsed_s": time.perf_counter() - start_time, **router.metrics()}
                     metrics.write(row)
                     progress.update(state["step"], loss=row["loss"] or float("nan"), lr=row["lr"],
                                     tok_s=round(tokens_per_s))

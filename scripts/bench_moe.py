@@ -1,0 +1,131 @@
+"""Speed of the MoE layer and of an MoE ByteModel, each against a reference measured in the same run.
+
+1. Layer: `ByteMoELayer` (tokens sorted by expert, grouped matmuls) against the same layer run as a per-expert Python
+   loop (`reference_moe_forward`), forward + backward, tokens/s.
+2. Model: an 8-expert top-2 ByteModel against transformers' `MixtralForCausalLM` at the same config and weights,
+   training tokens/s (forward + backward + AdamW step), with the routing bias at zero so both compute the same
+   function (checked: logits equal before timing).
+
+Each pair is measured in alternating rounds (median), in fp32 and, where the hardware runs it natively, in bf16
+autocast. Prints a table and writes the figures as JSON. Run it alone: a second busy process on a 2-core machine
+distorts every number.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import MixtralForCausalLM
+
+from bench_model import alternate, train_steps
+from model import ByteModel, ByteModelConfig, reference_moe_forward
+
+
+def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, autocast, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        with autocast():
+            output = forward(layer, x)
+        output.float().pow(2).mean().backward()
+        layer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def precisions() -> dict[str, object]:
+    """fp32, plus bf16 autocast where it is native (elsewhere it is emulated and tens of times slower)."""
+    choices = {"fp32": lambda: torch.autocast("cpu", enabled=False)}
+    if torch.cpu._is_avx512_bf16_supported():
+        choices["bf16"] = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return choices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--expert-size", type=int, default=512, help="moe_intermediate_size")
+    parser.add_argument("--vocab-size", type=int, default=6400)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=2, help="optimizer steps per round")
+    parser.add_argument("--layer-repeats", type=int, default=5, help="layer forward+backward passes per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--output", default="model_info/bench_moe.json")
+    args = parser.parse_args()
+
+    config = ByteModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                             max_position_embeddings=max(1024, args.seq_len), num_experts=args.experts,
+                             num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_size)
+    torch.manual_seed(0)
+    byte_model = ByteModel(config)
+    mixtral = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
+    mixtral.load_state_dict({name: tensor for name, tensor in byte_model.state_dict().items()
+                             if not name.endswith("expert_bias")}, strict=True)
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len),
+                          generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        difference = (byte_model.eval()(batch).logits - mixtral.eval()(batch).logits).abs().max().item()
+    parameters = sum(p.numel() for p in byte_model.parameters())
+    print(f"config: hidden {config.hidden_size}, layers {config.num_hidden_layers}, {config.num_experts} experts "
+          f"top-{config.num_experts_per_tok} of size {config.moe_intermediate_size}, vocab {config.vocab_size}, "
+          f"{parameters / 1e6:.1f}M parameters; batch {args.batch_size} x {args.seq_len}; Mixtral experts "
+          f"implementation {mixtral.config._experts_implementation}; max |logit difference| {difference:.2e}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+
+    layer = byte_model.model.layers[0].mlp.train()
+    x = torch.randn(args.batch_size * args.seq_len, config.hidden_size, requires_grad=True)
+    result = {"config": {key: getattr(config, key) for key in ("hidden_size", "num_hidden_layers", "num_experts",
+                                                              "num_experts_per_tok", "moe_intermediate_size")},
+              "parameters": parameters, "max_logit_difference": difference, "tokens": batch.numel()}
+    rows = []
+    for precision, autocast in precisions().items():
+        grouped = lambda: layer_seconds(lambda module, inputs: module(inputs), layer, x, autocast,  # noqa: E731
+                                        args.layer_repeats)
+        loop = lambda: layer_seconds(reference_moe_forward, layer, x, autocast, args.layer_repeats)  # noqa: E731
+        grouped(), loop()  # warm-up
+        grouped_times, loop_times = alternate(grouped, loop, args.rounds)
+        layer_tokens = args.layer_repeats * x.shape[0]
+        rows.append((f"layer {precision}", "grouped", "loop", layer_tokens / statistics.median(grouped_times),
+                     layer_tokens / statistics.median(loop_times)))
+
+        byte_model.train()
+        mixtral.train()
+        byte_optimizer = torch.optim.AdamW(byte_model.parameters(), lr=0.0)  # lr 0: the weights stay equal
+        mixtral_optimizer = torch.optim.AdamW(mixtral.parameters(), lr=0.0)
+
+        def byte_train():
+            with autocast():
+                return train_steps(byte_model, byte_optimizer, batch, args.train_steps)
+
+        def mixtral_train():
+            with autocast():
+                return train_steps(mixtral, mixtral_optimizer, batch, args.train_steps)
+
+        byte_train(), mixtral_train()  # warm-up: allocator, kernels, optimizer state
+        byte_times, mixtral_times = alternate(byte_train, mixtral_train, args.rounds)
+        model_tokens = args.train_steps * batch.numel()
+        rows.append((f"model {precision}", "ByteModel", "Mixtral", model_tokens / statistics.median(byte_times),
+                     model_tokens / statistics.median(mixtral_times)))
+
+    print(f"{'':14}{'':>10}{'tok/s':>10}{'':>10}{'tok/s':>10}{'ratio':>8}")
+    for name, ours, theirs, ours_speed, their_speed in rows:
+        print(f"{name:14}{ours:>10}{ours_speed:10.0f}{theirs:>10}{their_speed:10.0f}{ours_speed / their_speed:8.2f}")
+        result[name.replace(" ", "_")] = {f"{ours}_tokens_per_s": ours_speed, f"{theirs}_tokens_per_s": their_speed,
+                                          "ratio": ours_speed / their_speed}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
