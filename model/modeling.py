@@ -227,6 +227,13 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
                                              hidden_states=outputs.hidden_states,
                                              **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        if self.config.num_experts and (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            # Reentrant checkpointing runs layers under no_grad; the balancing losses the MoE layers leave for
+            # forward() would then carry no gradient.
+            raise ValueError("MoE models need non-reentrant gradient checkpointing (use_reentrant=False, the default)")
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
     @staticmethod
     def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None,
                        num_items_in_batch: int | torch.Tensor | None = None,

@@ -171,6 +171,53 @@ def test_each_flop_component_matches_its_modules(overrides, seq_len):
     assert 3 * counter.get_total_flops() == pytest.approx(sum(flops.values()) * seq_len, rel=0.05)
 
 
+MOE_CASES = {
+    "every_layer_shared": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_shared_experts=1),
+    "every_other_layer_top1": dict(num_experts=8, num_experts_per_tok=1, moe_intermediate_size=32,
+                                   decoder_sparse_step=2, num_hidden_layers=4),
+}
+
+
+@pytest.mark.parametrize("overrides", MOE_CASES.values(), ids=MOE_CASES.keys())
+def test_moe_counts_active_parameters_and_flops_like_the_counter(overrides, monkeypatch):
+    model = build(**overrides)
+    config = model.config
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    expert = 3 * config.hidden_size * config.moe_intermediate_size
+    moe = sum(config.is_moe_layer(index) for index in range(config.num_hidden_layers))
+    assert counts["active_per_token"] == counts["total"] - moe * (config.num_experts - config.num_experts_per_tok) * expert
+    # FlopCounterMode has no formula for grouped matmuls: count the per-expert fallback, which does the same mm's.
+    monkeypatch.setattr("model.moe.GROUPED_MM", None)
+    seq_len = 48
+    counted = counted_training_step(model, seq_len).get_total_flops()
+    assert sum(flops_per_token(config, seq_len).values()) * seq_len == pytest.approx(counted, rel=0.02)
+
+
+def test_moe_model_report_shows_routing(tmp_path):
+    torch.manual_seed(0)
+    model = ByteModel(tiny_config(vocab_size=6400, num_experts=4, moe_intermediate_size=32, moe_capacity_factor=1.0))
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.expert_bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # expert 0 always picked
+    model.save_pretrained(tmp_path / "moe")
+    report_path = main(["--model", str(tmp_path / "moe"), "--out", str(tmp_path / "report"), "--tokenizer",
+                        str(ROOT / "tokenizer"), "--data", str(ROOT / "datasets/demo/pretrain_val.jsonl"),
+                        "--routing-tokens", "300", "--seq-len", "64"])
+    report = json.loads((tmp_path / "report" / "moe_report.json").read_text())
+    routing = report["routing"]
+    assert routing["tokens"] == 300 and routing["layers"] == [0, 1]
+    assert all(sum(layer) == pytest.approx(1.0) for layer in routing["expert_load"])
+    # Layer 1 sends every token to expert 0 (half of the top-2 slots): load 0.5, max load 2.0, and with capacity
+    # 1.0 x the even share an expert keeps a quarter of the slots, so expert 0 drops half of its own.
+    assert routing["expert_load"][1][0] == pytest.approx(0.5)
+    assert routing["max_load"][1] == pytest.approx(2.0)
+    assert routing["dropped_frac"][1] >= 0.25 - 1e-6
+    assert report["moe"]["num_experts"] == 4 and report["parameters"]["active_per_token"] < report["parameters"]["total"]
+    text = report_path.read_text()
+    assert "## Routing (300 tokens" in text and "| 1 | 0.500 |" in text
+    assert (tmp_path / "report" / "plots" / "moe_routing.png").read_bytes()[:8] == PNG
+
+
 def test_flops_grow_as_expected_with_sequence_length():
     config = tiny_config()
     short, long = flops_per_token(config, 64), flops_per_token(config, 128)

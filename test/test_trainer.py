@@ -255,6 +255,9 @@ def test_short_run_final_model_loads_with_auto_classes(short_run):
 @pytest.mark.parametrize("model_overrides", [
     pytest.param({}, id="no-dropout"),
     pytest.param({"attention_dropout": 0.1, "drop_path_rate": 0.1}, id="dropout"),
+    # Routing biases change every step and capacity drops tokens: both must be part of the saved state.
+    pytest.param({"num_experts": 4, "moe_intermediate_size": 32, "router_bias_update_rate": 0.01,
+                  "moe_capacity_factor": 1.0}, id="moe"),
 ])
 def test_resume_after_stop_is_bitwise_identical(tmp_path, cache_dir, monkeypatch, model_overrides):
     config_a = make_config(tmp_path / "a", cache_dir, model=model_overrides)
@@ -286,12 +289,40 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, cache_dir, monkeypatch
         assert (row_b["step"], row_b["loss"], row_b["grad_norm"], row_b["lr"]) == \
                (row_a["step"], row_a["loss"], row_a["grad_norm"], row_a["lr"])
     assert evals_a == evals_b
+    if model_overrides.get("num_experts"):
+        assert [row["expert_load"] for row in rows_a] == [row["expert_load"] for row in rows_b]
 
     for name in ("final", "checkpoints/step_12"):
         weights_a = load_file(tmp_path / "a" / name / "model.safetensors")
         weights_b = load_file(tmp_path / "b" / name / "model.safetensors")
         assert weights_a.keys() == weights_b.keys()
         assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a), name
+
+
+def test_moe_run_reports_routing_and_moves_the_routing_bias(tmp_path, cache_dir):
+    config = make_config(tmp_path, cache_dir, model={"num_experts": 4, "num_experts_per_tok": 2,
+                                                     "moe_intermediate_size": 32, "moe_capacity_factor": 1.0,
+                                                     "router_bias_update_rate": 0.01, "router_z_loss_coef": 1e-3},
+                         train={"max_steps": 6, "grad_accum_steps": 2}, eval={"every_steps": 6})
+    summary = fit(config)
+    assert summary["reason"] == "finished"
+    rows, evals = read_metrics(tmp_path)
+    assert len(rows) == 6 and [row["step"] for row in evals] == [6]
+    for row in rows:
+        assert set(row) == TRAIN_KEYS | {"aux_loss", "z_loss", "dropped_frac", "max_load", "expert_load"}
+        assert len(row["expert_load"]) == 2 and all(len(layer) == 4 for layer in row["expert_load"])
+        assert all(sum(layer) == pytest.approx(1.0, abs=1e-3) for layer in row["expert_load"])
+        assert row["max_load"] == pytest.approx(4 * max(max(layer) for layer in row["expert_load"]), abs=1e-3)
+        assert 0.9 < row["aux_loss"] < 4.0 and row["z_loss"] > 0
+        # Capacity 1.0 x the even share: any imbalance drops slots.
+        assert (row["dropped_frac"] > 0) == (row["max_load"] > 1.0 + 1e-6)
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    biases = [weights[f"model.layers.{layer}.mlp.gate.expert_bias"] for layer in range(2)]
+    # Six steps of +-0.01 each: every entry is a multiple of 0.01 and some have moved.
+    assert all(bias.abs().max() <= 0.06 + 1e-6 for bias in biases)
+    assert any(bias.abs().max() > 0 for bias in biases)
+    for bias in biases:
+        torch.testing.assert_close(bias / 0.01, (bias / 0.01).round(), atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ 4. bad checkpoints
