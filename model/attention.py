@@ -6,7 +6,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from model.config import ByteModelConfig
-from model.rope import apply_rotary_pos_emb
+from model.rope import DynamicRoPEInputs, apply_rotary_pos_emb, rotate
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -43,19 +43,30 @@ class ByteAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        dynamic_rope: DynamicRoPEInputs | None = None,
     ) -> torch.Tensor:
         """`attention_mask` is None for plain causal attention, else a (batch, 1, q_len, kv_len) mask that already
-        contains causality and padding (bool: True = attend, or additive float)."""
+        contains causality and padding (bool: True = attend, or additive float). `dynamic_rope` (Dynamic NTK RoPE)
+        keeps keys un-rotated in the cache and rotates them for each query (see `ByteDynamicRoPE`)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-
         dropout = self.attention_dropout if self.training else 0.0
+        if dynamic_rope is None:
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+        else:
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)  # un-rotated
+            if dynamic_rope.first_long < q_len:
+                output = self.dynamic_rope_attention(query, key, value, cos, sin, attention_mask, dynamic_rope,
+                                                     dropout)
+                return self.o_proj(output.transpose(1, 2).reshape(batch, q_len, -1))
+            query, key = rotate(query, cos, sin), rotate(key, *dynamic_rope.key_embeddings)
+
         if q_len == 1 and self.num_key_value_groups > 1:
             # Decoding one token: fold the query heads of each kv group into the query axis, so every kv head is
             # read once instead of being repeated (a padding mask is the same for every query row).
@@ -74,3 +85,30 @@ class ByteAttention(nn.Module):
                                                     scale=self.scaling)
         output = output.transpose(1, 2).reshape(batch, q_len, -1)
         return self.o_proj(output)
+
+    def dynamic_rope_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, attention_mask: torch.Tensor | None, dynamic: DynamicRoPEInputs,
+                               dropout: float) -> torch.Tensor:
+        """Attention over un-rotated keys. Queries within the trained length (the leading columns where no row has
+        passed it) share plain RoPE and run as one block; each later query column uses the frequencies of its own
+        length, with all its keys rotated to match (one pass per column, as decoding does one token at a time)."""
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None:  # plain causal: the queries are the last q_len of the kv_len positions
+            key_index = torch.arange(kv_len, device=query.device)
+            query_index = torch.arange(kv_len - q_len, kv_len, device=query.device)
+            attention_mask = (key_index[None, :] <= query_index[:, None])[None, None]
+        key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+        first_long, outputs = dynamic.first_long, []
+        if first_long > 0:
+            outputs.append(F.scaled_dot_product_attention(
+                rotate(query[:, :, :first_long], cos[:, :first_long], sin[:, :first_long]),
+                rotate(key, *dynamic.key_embeddings), value, attn_mask=attention_mask[:, :, :first_long],
+                dropout_p=dropout, scale=self.scaling))
+        for column in range(first_long, q_len):
+            positions = dynamic.position_ids[:, column]
+            query_cos, query_sin = dynamic.rope(query, positions[:, None], seq_len=positions + 1)
+            key_cos, key_sin = dynamic.rope(query, dynamic.key_positions, seq_len=positions + 1)
+            outputs.append(F.scaled_dot_product_attention(
+                rotate(query[:, :, column:column + 1], query_cos, query_sin), rotate(key, key_cos, key_sin), value,
+                attn_mask=attention_mask[:, :, column:column + 1], dropout_p=dropout, scale=self.scaling))
+        return torch.cat(outputs, dim=2)

@@ -10,6 +10,7 @@ from model.config import ByteModelConfig
 from model.mlp import ByteMLP
 from model.moe import ByteMoELayer
 from model.norm import ByteRMSNorm
+from model.rope import DynamicRoPEInputs
 
 
 class ByteDropPath(nn.Module):
@@ -69,9 +70,10 @@ class ByteDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        dynamic_rope: DynamicRoPEInputs | None = None,
     ) -> torch.Tensor:
         attn_out = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                  past_key_values)
+                                  past_key_values, dynamic_rope)
         attn_out = self.drop_path(self.attn_layer_scale(attn_out))
         if self.parallel_residual:
             mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))

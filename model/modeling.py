@@ -17,7 +17,7 @@ from model.decoder_layer import ByteDecoderLayer, ByteLayerScale
 from model.mlp import ByteMLP
 from model.moe import ByteExperts, ByteMoELayer, ByteRouter
 from model.norm import ByteRMSNorm
-from model.rope import ByteDynamicRoPE
+from model.rope import ByteDynamicRoPE, DynamicRoPEInputs
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The model takes
 # both names and fills whichever field the installed version's output classes have, so `generate` finds its cache.
@@ -145,12 +145,21 @@ class ByteBaseModel(BytePreTrainedModel):
                 position_ids = torch.arange(past_length, past_length + query_length,
                                             device=inputs_embeds.device)[None]
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        dynamic_rope = None
+        if self.rotary_emb.rope_type == "dynamic":
+            key_positions = position_ids
+            if past_key_values is not None:
+                # Cached keys sit at cache index i; a row's left padding shifts its positions by the gap between the
+                # last token's index and its position.
+                padding = (past_length + query_length - 1) - position_ids[:, -1:]
+                key_positions = (torch.arange(kv_length, device=position_ids.device)[None] - padding).clamp(min=0)
+            dynamic_rope = DynamicRoPEInputs.build(self.rotary_emb, inputs_embeds, position_ids, key_positions)
 
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask,
-                                  past_key_values=past_key_values, use_cache=use_cache)
+                                  past_key_values=past_key_values, use_cache=use_cache, dynamic_rope=dynamic_rope)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)
@@ -212,8 +221,10 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
                                           **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
         stats = [layer.mlp.router_stats for layer in self.model.layers if isinstance(layer.mlp, ByteMoELayer)]
-        aux_loss = torch.stack([stat.aux_loss for stat in stats]).mean()
-        z_loss = torch.stack([stat.z_loss for stat in stats]).mean()
+        aux_loss = z_loss = None
+        if all(stat is not None for stat in stats):
+            aux_loss = torch.stack([stat.aux_loss for stat in stats]).mean()
+            z_loss = torch.stack([stat.z_loss for stat in stats]).mean()
         if loss is not None and self.training:
             # Balancing terms are training objectives only: evaluation loss stays comparable with dense models.
             weight = 1.0
@@ -226,6 +237,19 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         return ByteMoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
                                              hidden_states=outputs.hidden_states,
                                              **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """`generate` with a static cache (`cache_implementation="static"`) runs a compiled one-token decode step.
+        transformers does that on accelerators only; on a CPU it pays as well (measured with scripts/benchmark.py),
+        so ByteModel compiles there too, after a one-off compile. `disable_compile=True` keeps it eager."""
+        if self.config.num_experts or self.model.rotary_emb.rope_type == "dynamic":
+            return False  # data-dependent code (expert dispatch, per-length RoPE): compiling costs more than it saves
+        if self.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return False  # bf16 decoding compiled on a CPU measured slower than eager, and rounds differently
+        if self.device.type == "cpu" and not generation_config.disable_compile:
+            cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+            return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, DynamicCache)
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         if self.config.num_experts and (gradient_checkpointing_kwargs or {}).get("use_reentrant"):

@@ -23,12 +23,20 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
     One grouped matmul kernel where PyTorch has one; otherwise one matmul per expert (a loop over experts, never over
     tokens). Grouped matmul is not covered by autocast, so the autocast dtype is applied here by hand.
+    The output has x's dtype after that choice, so callers cast it where they need a particular one.
     """
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+    dtype = weight.dtype
+    # Casting every expert's weights costs more than it saves when few rows go through them (decoding): then the
+    # experts run in their stored precision, as transformers' Mixtral does.
+    if torch.is_autocast_enabled(x.device.type) and x.shape[0] >= 16 * weight.shape[0]:
+        dtype = torch.get_autocast_dtype(x.device.type)
     x, weight = x.to(dtype), weight.to(dtype)
     # CPU kernels need 16-byte aligned row strides; any width divisible by 8 meets that for 16- and 32-bit floats.
     aligned = x.device.type != "cpu" or (x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0)
-    if GROUPED_MM is not None and aligned and dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # torch.compile traces grouped matmuls in bf16 only (PyTorch 2.13); compiled fp32 code takes the loop.
+    supported = (torch.float32, torch.bfloat16, torch.float16) if not torch.compiler.is_compiling() else (
+        torch.bfloat16,)
+    if GROUPED_MM is not None and aligned and dtype in supported:
         return GROUPED_MM(x, weight.transpose(1, 2), offs=offsets.to(torch.int32))
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     return torch.cat([rows @ matrix.T for rows, matrix in zip(x.split(sizes), weight)])
@@ -79,7 +87,8 @@ class ByteRouter(nn.Module):
 
 @dataclass
 class RouterStats:
-    """What one MoE layer's last forward observed; read by the model (losses) and the trainer (load, bias)."""
+    """What one MoE layer's last forward observed; read by the model (losses) and the trainer (load, bias). Not
+    recorded in evaluation mode without gradients (generation), where nothing reads it."""
 
     aux_loss: torch.Tensor  # load-balancing loss, 1.0 when perfectly balanced
     z_loss: torch.Tensor  # mean squared log-partition of the router logits
@@ -140,9 +149,11 @@ class ByteMoELayer(nn.Module):
         if self.shared_experts is not None:
             output = output + self.shared_experts(x)
 
-        self.router_stats = RouterStats(aux_loss=self.load_balancing_loss(scores, counts),
-                                        z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
-                                        expert_counts=counts.detach(), dropped=dropped.detach())
+        self.router_stats = None
+        if self.training or torch.is_grad_enabled():  # not while generating: a dozen small ops per layer and token
+            self.router_stats = RouterStats(aux_loss=self.load_balancing_loss(scores, counts),
+                                            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+                                            expert_counts=counts.detach(), dropped=dropped.detach())
         return output.reshape(shape).to(hidden_states.dtype)
 
     def load_balancing_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

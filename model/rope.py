@@ -1,5 +1,7 @@
 """Rotary position embeddings: default RoPE and Dynamic NTK scaling."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -19,13 +21,22 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, heads, seq, head_dim) by the angles whose cos/sin are (batch, seq, head_dim)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
 class ByteDynamicRoPE(nn.Module):
     """cos/sin tables for rotary embeddings.
 
-    `rope_type="default"` is plain RoPE. `rope_type="dynamic"` is Dynamic NTK scaling: once a sequence grows past
-    `max_position_embeddings`, the base is enlarged so the lowest frequencies still fit, and frequencies are reset
-    once sequences are short again. The update rule, including that the enlarged base is kept while sequences
-    stay long, mirrors transformers' `rope_type="dynamic"`, so both give the same numbers at every length.
+    `rope_type="default"` is plain RoPE. `rope_type="dynamic"` is Dynamic NTK scaling, applied causally: the
+    query at position p uses the frequencies of a sequence of p + 1 tokens, plain RoPE's up to
+    `max_position_embeddings`, beyond it a base enlarged so that the lowest frequencies still fit. Its keys are
+    rotated with those same frequencies, so the model keeps keys un-rotated in the KV cache and rotates them per
+    query (`ByteAttention`). A token's output then never depends on tokens after it, and decoding token by token
+    gives exactly the logits of a full forward pass at every length. (transformers scales every position of a
+    forward pass for the whole sequence's length, so the same prefix gives different outputs at different lengths
+    and its cached decoding does not match its own forward pass past `max_position_embeddings`.)
     """
 
     def __init__(self, config: ByteModelConfig):
@@ -36,31 +47,46 @@ class ByteDynamicRoPE(nn.Module):
         self.factor = float(rope.get("factor", 1.0))
         self.dim = config.head_dim
         self.original_max_seq_len = config.max_position_embeddings
-        self.max_seq_len_cached = config.max_position_embeddings
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
-    def compute_inv_freq(self, seq_len: int | None = None, device: torch.device | None = None) -> torch.Tensor:
-        base = self.base
-        if seq_len is not None and seq_len > self.original_max_seq_len:
-            scale = self.factor * seq_len / self.original_max_seq_len - (self.factor - 1)
-            base = base * scale ** (self.dim / (self.dim - 2))
+    def compute_inv_freq(self, seq_len: torch.Tensor | None = None,
+                         device: torch.device | None = None) -> torch.Tensor:
+        """Inverse frequencies (head_dim / 2,) of plain RoPE, or with `seq_len` (a tensor of any shape) those of
+        Dynamic NTK for sequences of that many tokens, shaped (*seq_len.shape, head_dim / 2)."""
         exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        return 1.0 / (base ** exponents)
-
-    def _update_dynamic(self, position_ids: torch.Tensor) -> None:
-        seq_len = int(position_ids.max()) + 1
-        if seq_len > self.max_seq_len_cached:
-            self.inv_freq = self.compute_inv_freq(seq_len, self.inv_freq.device)
-            self.max_seq_len_cached = seq_len
-        elif seq_len < self.original_max_seq_len < self.max_seq_len_cached:
-            self.inv_freq = self.compute_inv_freq(None, self.inv_freq.device)
-            self.max_seq_len_cached = self.original_max_seq_len
+        if seq_len is None:
+            return 1.0 / (self.base ** exponents)
+        length = seq_len.to(device=exponents.device, dtype=torch.float64).clamp(min=self.original_max_seq_len)
+        scale = self.factor * length / self.original_max_seq_len - (self.factor - 1)
+        base = (self.base * scale ** (self.dim / (self.dim - 2)))[..., None]
+        return (1.0 / (base ** exponents.double())).float()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cos, sin of shape (batch, seq, head_dim) in x's dtype for integer `position_ids` (batch, seq)."""
-        if self.rope_type == "dynamic":
-            self._update_dynamic(position_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cos, sin of shape (batch, seq, head_dim) in x's dtype for integer `position_ids` (batch, seq):
+        plain RoPE, or with `seq_len` (batch,) the Dynamic NTK frequencies of that length for each row."""
+        inv_freq = self.inv_freq.float()[None] if seq_len is None else self.compute_inv_freq(seq_len, x.device)
+        freqs = position_ids[..., None].float() * inv_freq[:, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+@dataclass
+class DynamicRoPEInputs:
+    """What attention needs to apply Dynamic NTK causally: the rotary module, every query's and key's position
+    (batch, q) and (batch, kv), the plain RoPE tables of the keys (for queries within the trained length) and the
+    first query column where some row is past it (q when none is)."""
+
+    rope: ByteDynamicRoPE
+    position_ids: torch.Tensor
+    key_positions: torch.Tensor
+    key_embeddings: tuple[torch.Tensor, torch.Tensor]
+    first_long: int
+
+    @classmethod
+    def build(cls, rope: ByteDynamicRoPE, x: torch.Tensor, position_ids: torch.Tensor,
+              key_positions: torch.Tensor) -> "DynamicRoPEInputs":
+        long_columns = (position_ids >= rope.original_max_seq_len).any(dim=0)
+        first_long = int(long_columns.int().argmax()) if bool(long_columns.any()) else position_ids.shape[1]
+        return cls(rope, position_ids, key_positions, rope(x, key_positions), first_long)

@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> Path:
     if model.config.drop_path_rate > 0:
         print(f"note: drop_path_rate={model.config.drop_path_rate} (stochastic depth) is training-only and is not "
               f"part of the export; inference is unchanged")
+    if (model.config.rope_parameters or {}).get("rope_type") == "dynamic":
+        print(f"note: transformers scales dynamic RoPE for a whole sequence's length, this model causally for each "
+              f"position's: logits agree up to max_position_embeddings={model.config.max_position_embeddings} tokens")
     if model.config.num_experts and model.config.moe_capacity_factor is not None:
         print(f"note: moe_capacity_factor={model.config.moe_capacity_factor} limits experts while training only; "
               f"inference was already dropless, as Mixtral is")

@@ -40,7 +40,7 @@ def scripted(tokenizer, script: list[int]) -> ScriptedModel:
 
 
 def arguments(**overrides):
-    values = dict(temperature=0.0, top_k=50, top_p=0.9, repetition_penalty=1.0, max_new_tokens=50)
+    values = dict(temperature=0.0, top_k=50, top_p=0.9, repetition_penalty=1.0, max_new_tokens=50, compile=False)
     values.update(overrides)
     return type("Args", (), values)()
 

@@ -202,6 +202,18 @@ def test_greedy_generate_matches_llama(pair, cache_implementation):
         torch.testing.assert_close(step_byte, step_llama, atol=ATOL, rtol=0)
 
 
+def test_static_cache_generate_runs_a_compiled_decode_step_with_identical_tokens(pair):
+    byte, _ = pair
+    ids = random_ids(2, 6, seed=8)
+    kwargs = dict(GEN, return_dict_in_generate=True, output_logits=True, cache_implementation="static")
+    eager = byte.generate(ids, **kwargs, disable_compile=True)
+    compiled = byte.generate(ids, **kwargs)
+    assert getattr(byte, "_compiled_call", None) is not None  # transformers' compiled decode step was used
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for step_compiled, step_eager in zip(compiled.logits, eager.logits):
+        torch.testing.assert_close(step_compiled, step_eager, atol=ATOL, rtol=0)
+
+
 def test_greedy_generate_equals_argmax_loop(pair):
     byte, _ = pair
     ids = random_ids(1, 5, seed=8)
@@ -424,29 +436,75 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
 
 
 # ----------------------------------------------------------------------------------------------- dynamic RoPE
-def test_dynamic_rope_model_beyond_max_positions_matches_llama():
-    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    byte, llama = make_pair(rope_parameters=rope)
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+
+
+def test_dynamic_rope_is_plain_within_max_positions_and_causal_beyond():
+    byte, llama = make_pair(rope_parameters=DYNAMIC)
     default, _ = make_pair()  # same seed, same weights, plain RoPE
-    for length in (40, 100, 30):  # within, beyond, and back within max_position_embeddings=64 (stateful)
-        ids = random_ids(1, length, seed=length)
-        logits = byte(ids, use_cache=False).logits
-        torch.testing.assert_close(logits, llama(ids, use_cache=False).logits, atol=ATOL, rtol=0)
-        differs = (logits - default(ids, use_cache=False).logits).abs().max() > 1e-3
-        assert differs == (length > 64), length
+    ids = random_ids(1, 100, seed=100)
+    logits = byte(ids, use_cache=False).logits
+    # Within max_position_embeddings=64 it is plain RoPE, as in Llama ...
+    torch.testing.assert_close(logits[:, :64], default(ids[:, :64], use_cache=False).logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[:, :64], llama(ids[:, :64], use_cache=False).logits, atol=ATOL, rtol=0)
+    assert (logits[:, 64:] - default(ids, use_cache=False).logits[:, 64:]).abs().max() > 1e-3
+    # ... and a prefix's logits never change when tokens follow (Llama rescales every position for the length).
+    for length in (65, 80):
+        torch.testing.assert_close(byte(ids[:, :length], use_cache=False).logits, logits[:, :length], atol=ATOL,
+                                   rtol=0)
+    assert (llama(ids, use_cache=False).logits[:, :64] - logits[:, :64]).abs().max() > 1e-3
+
+
+def test_one_layer_dynamic_rope_matches_llama_on_each_prefix():
+    # With one layer, position p's output depends on the frequencies of p + 1 tokens only: Llama's last logits of
+    # the prefix of p + 1 tokens (lengths in increasing order: Llama's module keeps the largest base it has seen).
+    byte, llama = make_pair(rope_parameters=DYNAMIC, num_hidden_layers=1)
+    ids = random_ids(1, 90, seed=101)
+    logits = byte(ids, use_cache=False).logits
+    for position in (40, 63, 64, 70, 89):
+        torch.testing.assert_close(logits[:, position], llama(ids[:, :position + 1], use_cache=False).logits[:, -1],
+                                   atol=ATOL, rtol=0, msg=f"position {position}")
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_dynamic_rope_generate_across_max_positions_matches_llama(cache_implementation):
-    byte, llama = make_pair(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    ids = random_ids(2, 58, seed=19)  # 58 + 12 new tokens crosses max_position_embeddings=64 while decoding
+def test_dynamic_rope_generate_is_exact_across_max_positions(cache_implementation):
+    """Every generated token's logits equal a full forward pass over the sequence so far, also past
+    max_position_embeddings=64, where transformers' Llama (keys rotated once, with the frequencies of their time)
+    no longer matches its own forward pass."""
+    byte, llama = make_pair(rope_parameters=DYNAMIC)
+    ids = random_ids(1, 58, seed=19)  # 58 + 12 new tokens crosses max_position_embeddings=64 while decoding
     kwargs = dict(GEN, return_dict_in_generate=True, output_logits=True)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     out_byte, out_llama = byte.generate(ids, **kwargs), llama.generate(ids, **kwargs)
-    assert torch.equal(out_byte.sequences, out_llama.sequences)
-    for step_byte, step_llama in zip(out_byte.logits, out_llama.logits):
-        torch.testing.assert_close(step_byte, step_llama, atol=ATOL, rtol=0)
+    sequence = out_byte.sequences
+    full = byte(sequence[:, :-1], use_cache=False).logits
+    llama_drift = []
+    for step, logits in enumerate(out_byte.logits):
+        length = ids.shape[1] + step
+        torch.testing.assert_close(logits, full[:, length - 1], atol=ATOL, rtol=0, msg=f"length {length}")
+        if torch.equal(out_llama.sequences[:, :length], sequence[:, :length]):
+            own = llama(sequence[:, :length], use_cache=False).logits[:, -1]
+            llama_drift.append((length, (out_llama.logits[step] - own).abs().max().item()))
+    assert all(drift < ATOL for length, drift in llama_drift if length <= 64)
+    assert any(drift > 1e-3 for length, drift in llama_drift if length > 64)
+
+
+def test_dynamic_rope_left_padded_cache_decoding_past_max_positions_matches_full_forward():
+    byte, _ = make_pair(rope_parameters=DYNAMIC)
+    ids, mask = left_pad(random_ids(2, 80, seed=31), [70, 80])
+    full = byte(ids, attention_mask=mask, use_cache=False).logits
+    cache = DynamicCache(config=byte.config)
+    steps = [byte(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache, use_cache=True).logits]
+    for t in range(50, 80):
+        steps.append(byte(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                          use_cache=True).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=ATOL, rtol=0)
+    # Each row equals itself alone: positions count real tokens, so padding never rescales a row.
+    for row, length in enumerate((70, 80)):
+        alone = byte(ids[row:row + 1, 80 - length:], use_cache=False).logits[0]
+        torch.testing.assert_close(full[row, 80 - length:], alone, atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------- features on

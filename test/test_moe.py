@@ -601,14 +601,15 @@ def test_bf16_autocast_forward_backward_close_to_fp32():
             assert F.cosine_similarity(grad.flatten(), reference, dim=0) > 0.9, name
 
 
-def test_grouped_linear_uses_the_autocast_dtype():
-    x = torch.randn(6, 16)
+def test_grouped_linear_uses_the_autocast_dtype_when_enough_rows_go_through():
     weight = torch.randn(2, 8, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = grouped_linear(x, weight, torch.tensor([2, 6]))
-    assert out.dtype == torch.bfloat16
-    expected = torch.cat([x[:2] @ weight[0].T, x[2:] @ weight[1].T])
-    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    for rows, dtype in ((32, torch.bfloat16), (31, torch.float32)):  # 16 rows per expert on average, or fewer
+        x = torch.randn(rows, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = grouped_linear(x, weight, torch.tensor([rows // 2, rows]))
+        assert out.dtype == dtype, rows
+        expected = torch.cat([x[:rows // 2] @ weight[0].T, x[rows // 2:] @ weight[1].T])
+        assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])

@@ -42,8 +42,10 @@ def test_default_rope_is_static_beyond_max_positions():
     config = tiny_config()
     rope = ByteDynamicRoPE(config)
     inv_freq = rope.inv_freq.clone()
-    rope(torch.zeros(1), positions(200))
+    cos, _ = rope(torch.zeros(1), positions(200))
     assert torch.equal(rope.inv_freq, inv_freq)
+    angles = torch.arange(200).float()[:, None] * inv_freq
+    torch.testing.assert_close(cos[0], torch.cat([angles, angles], dim=-1).cos(), atol=ATOL, rtol=0)
 
 
 def test_rope_output_dtype_follows_x():
@@ -64,42 +66,51 @@ def test_rope_table_values():
     torch.testing.assert_close(sin[0].double(), expected.sin(), atol=ATOL, rtol=0)
 
 
-def test_dynamic_rope_matches_llama_across_lengths():
+def test_dynamic_rope_tables_for_a_length_match_a_fresh_llama():
     config = tiny_config(rope_parameters=dict(DYNAMIC))
-    byte_rope, llama_rope = ByteDynamicRoPE(config), LlamaRotaryEmbedding(llama_config_from(config))
-    default_rope = ByteDynamicRoPE(tiny_config())
-    # Dynamic RoPE is stateful, so both modules see the same sequence of calls.
-    tables = {}
+    rope, default_rope = ByteDynamicRoPE(config), ByteDynamicRoPE(tiny_config())
     for length in (32, 64, 150, 100, 20):
-        tables[length] = assert_same_tables(byte_rope, llama_rope, positions(length, batch=2))
-        assert byte_rope.max_seq_len_cached == llama_rope.max_seq_len_cached, length
-    default_cos = lambda n: default_rope(torch.zeros(1), positions(n, batch=2))[0]  # noqa: E731
-    # Within the trained length dynamic RoPE is plain RoPE ...
-    torch.testing.assert_close(tables[32][0], default_cos(32), atol=0, rtol=0)
-    torch.testing.assert_close(tables[64][0], default_cos(64), atol=0, rtol=0)
-    # ... beyond it the base is enlarged (so the tables differ), and kept while sequences stay long ...
-    assert (tables[150][0] - default_cos(150)).abs().max() > 1e-2
-    assert (tables[100][0] - tables[150][0][:, :100]).abs().max() == 0
-    # ... then reset once they are short again.
-    torch.testing.assert_close(tables[20][0], default_cos(20), atol=0, rtol=0)
-    assert byte_rope.max_seq_len_cached == 64
+        # transformers keeps an enlarged base across calls, so each length is compared with a fresh module.
+        llama_rope = LlamaRotaryEmbedding(llama_config_from(config))
+        ours = rope(torch.zeros(1), positions(length, batch=2), seq_len=torch.tensor([length, length]))
+        theirs = llama_rope(torch.zeros(1), positions(length, batch=2))
+        torch.testing.assert_close(ours[0], theirs[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours[1], theirs[1], atol=ATOL, rtol=0)
+        # Within the trained length dynamic RoPE is plain RoPE; beyond it the base is enlarged.
+        plain = default_rope(torch.zeros(1), positions(length, batch=2))[0]
+        assert ((ours[0] - plain).abs().max() > 1e-2) == (length > 64), length
+    # Without a length, the tables are plain RoPE's at any position.
+    torch.testing.assert_close(rope(torch.zeros(1), positions(150))[0], default_rope(torch.zeros(1), positions(150))[0],
+                               atol=0, rtol=0)
+
+
+def test_dynamic_rope_lengths_per_row():
+    rope = ByteDynamicRoPE(tiny_config(rope_parameters=dict(DYNAMIC)))
+    both = rope(torch.zeros(1), positions(10, batch=2), seq_len=torch.tensor([50, 120]))[0]
+    for row, length in enumerate((50, 120)):
+        alone = rope(torch.zeros(1), positions(10), seq_len=torch.tensor([length]))[0]
+        torch.testing.assert_close(both[row:row + 1], alone, atol=0, rtol=0)
+    assert (both[0] - both[1]).abs().max() > 1e-3
 
 
 def test_dynamic_rope_scaled_base_formula():
     config = tiny_config(rope_parameters=dict(DYNAMIC))
     rope = ByteDynamicRoPE(config)
-    rope(torch.zeros(1), positions(128))
     dim, base = config.head_dim, 10000.0 * (2.0 * 128 / 64 - 1.0) ** (16 / 14)
     expected = 1.0 / base ** (torch.arange(0, dim, 2).double() / dim)
-    torch.testing.assert_close(rope.inv_freq.double(), expected, atol=0, rtol=1e-5)
+    torch.testing.assert_close(rope.compute_inv_freq(torch.tensor(128)).double(), expected, atol=0, rtol=1e-6)
+    torch.testing.assert_close(rope.compute_inv_freq(torch.tensor(64)), rope.inv_freq, atol=0, rtol=1e-6)
 
 
 def test_dynamic_rope_matches_llama_for_decode_steps():
+    # Decoding one position at a time, transformers scales for position + 1 tokens, as the causal rule does.
     config = tiny_config(rope_parameters=dict(DYNAMIC))
-    byte_rope, llama_rope = ByteDynamicRoPE(config), LlamaRotaryEmbedding(llama_config_from(config))
-    assert_same_tables(byte_rope, llama_rope, positions(60))
-    for step in range(60, 70):  # one position at a time across the boundary
-        assert_same_tables(byte_rope, llama_rope, positions(1, start=step))
+    rope, llama_rope = ByteDynamicRoPE(config), LlamaRotaryEmbedding(llama_config_from(config))
+    for step in range(60, 70):  # across the boundary
+        ours = rope(torch.zeros(1), positions(1, start=step), seq_len=torch.tensor([step + 1]))
+        theirs = llama_rope(torch.zeros(1), positions(1, start=step))
+        torch.testing.assert_close(ours[0], theirs[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours[1], theirs[1], atol=ATOL, rtol=0)
 
 
 def test_rotate_half_matches_llama():

@@ -24,7 +24,7 @@ import utils.trainer
 from helpers import tiny_config
 from model import ByteModel, ByteRMSNorm
 from utils.config import InputError, TrainingConfig, build_config
-from utils.trainer import (GracefulStop, MetricsWriter, Trainer, count_targets, parameter_groups,
+from utils.trainer import (GracefulStop, MetricsWriter, Trainer, count_targets, parameter_groups, resolve_compile,
                            resolve_precision)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
         "data": {"train_files": [DATA], "val_files": [DATA], "tokenizer": str(ROOT / "tokenizer"), "seq_len": 32,
                  "cache_dir": str(cache_dir)},
         "train": {"out_dir": str(out_dir), "max_steps": 12, "micro_batch_size": 2, "grad_accum_steps": 1,
-                  "precision": "fp32", "seed": 42},
+                  "precision": "fp32", "seed": 42, "compile": False},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 3},
         "checkpoint": {"every_steps": 4, "keep_last": 3},
         "eval": {"every_steps": 4, "max_batches": 2},
@@ -113,6 +113,19 @@ def test_resolve_precision_auto_follows_the_hardware():
     assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("fp32", cpu) == torch.float32
     assert resolve_precision("bf16", cpu) == torch.bfloat16
+
+
+def test_resolve_compile_auto_compiles_where_it_pays():
+    dense, moe = ByteModel(tiny_config()), ByteModel(tiny_config(num_experts=4))
+    cpu = torch.device("cpu")
+    assert resolve_compile("auto", cpu, torch.bfloat16, dense) is True
+    assert resolve_compile("auto", cpu, torch.float32, dense) is False
+    assert resolve_compile("auto", torch.device("cuda"), torch.float32, dense) is True
+    assert resolve_compile("auto", cpu, torch.bfloat16, moe) is False
+    assert resolve_compile(True, cpu, torch.float32, moe) is True and resolve_compile(False, cpu, torch.bfloat16,
+                                                                                      dense) is False
+    with pytest.raises(InputError, match="train.compile must be true, false or auto, got 'yes'"):
+        resolve_compile("yes", cpu, torch.float32, dense)
 
 
 @pytest.mark.parametrize("name", ["fp16", "fp8", "float32", ""])

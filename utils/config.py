@@ -268,7 +268,7 @@ class TrainSection:
     seed: int = 42
     precision: str = "auto"
     strategy: str = "ddp"
-    compile: bool = False
+    compile: bool | str = "auto"  # true | false | auto (on where it measured faster: bf16 autocast or CUDA, no MoE)
     gradient_checkpointing: bool = False
     device: str = "auto"
     max_bad_steps: int = 5

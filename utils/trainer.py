@@ -76,6 +76,17 @@ def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.devi
         return torch.optim.AdamW(groups, **options)
 
 
+def resolve_compile(setting: bool | str, device: torch.device, dtype: torch.dtype, model: nn.Module) -> bool:
+    """`train.compile: auto` compiles where scripts/benchmark.py measured it paying for its ~30 s compile: with
+    bf16 autocast (1.3x over eager on an AVX-512 BF16 CPU) or on CUDA; not in fp32 on a CPU (about 1.1x, which a
+    demo-length run loses to the compile), and not for MoE models (data-dependent expert dispatch) or LoRA."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise InputError(f"train.compile must be true, false or auto, got {setting!r}")
+    return (device.type == "cuda" or dtype == torch.bfloat16) and not moe_layers(model) and not is_peft_model(model)
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
     """Matrix-multiply FLOP/s this device reaches right now: the honest denominator of MFU on a machine whose
     datasheet peak is unknown (a laptop CPU) or shared."""
@@ -376,7 +387,8 @@ class Trainer:
             optimizer = build_optimizer(wrapped, config, context.device)
             scheduler = get_cosine_with_min_lr_schedule_with_warmup(
                 optimizer, min(config.optim.warmup_steps, total_steps), total_steps, min_lr=config.optim.min_lr)
-            forward_model = torch.compile(wrapped) if config.train.compile else wrapped
+            compiled = resolve_compile(config.train.compile, context.device, dtype, model)
+            forward_model = torch.compile(wrapped) if compiled else wrapped
 
             flops_per_token = sum(flops_per_token_by_component(model.config, config.data.seq_len).values())
             peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
@@ -405,7 +417,8 @@ class Trainer:
             log.info(f"model: {num_parameters / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
                      f"{data_description}, "
                      f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
-                     f"{context.world_size} process(es), {config.train.strategy}; device {context.device}")
+                     f"{context.world_size} process(es), {config.train.strategy}; device {context.device}"
+                     f"{'; compiled' if compiled else ''}")
             if saved_rng is not None:
                 set_rng_state(saved_rng)  # last, so that nothing between restore and training draws from it
             with GracefulStop() as stop:
