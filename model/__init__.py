@@ -18,7 +18,8 @@ AutoModel.register(ByteModelConfig, ByteBaseModel, exist_ok=True)
 AutoModelForCausalLM.register(ByteModelConfig, ByteModel, exist_ok=True)
 
 __all__ = [
-    "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE", "ByteExperts",
+    "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",
+    "ByteExperts",
     "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer", "ByteMoeCausalLMOutputWithPast",
     "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats", "apply_rotary_pos_emb", "build_attention_mask",
     "grouped_linear", "moe_layers", "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",

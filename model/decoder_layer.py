@@ -1,4 +1,4 @@
-"""One transformer block: pre-norm attention and MLP (or MoE) with optional parallel residual, LayerScale and DropPath."""
+"""One transformer block: pre-norm attention and MLP (or MoE), optional parallel residual, LayerScale and DropPath."""
 
 import torch
 from torch import nn

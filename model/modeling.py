@@ -206,7 +206,8 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         every token equally. `logits_to_keep=n` computes logits of the last n only. `cache` is transformers 5.24's
         name for `past_key_values`."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             past_key_values=cache if cache is not None else past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:

@@ -18,6 +18,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import ctypes  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -62,6 +63,13 @@ def rss_mib() -> float:
         return 0.0
 
 
+def release_free_memory() -> None:
+    """Hand memory that earlier measurements freed back to the OS (glibc's malloc_trim), so that resident memory
+    grows again with what the next measurement allocates; a no-op where that call does not exist."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Measured:
     """Seconds of alternating rounds, and the peak growth of resident memory over what the process held when a
     round started (sampled every millisecond by a thread): what the measured work itself needs. CPU-only processes
@@ -72,6 +80,7 @@ class Measured:
         self.peak_mib = 0.0
 
     def run(self, measure) -> None:
+        release_free_memory()
         start, peak, done = rss_mib(), [0.0], threading.Event()
 
         def sample() -> None:
@@ -208,8 +217,9 @@ def run(args) -> dict:
                     rate = measured.rate(tokens)
                     same = bool(torch.equal(outputs[name], outputs[reference_name]))
                     own = bool(torch.equal(outputs[name], outputs["ByteModel"]))
+                    shape = f"{batch_size}x{args.prompt_len}+{args.new_tokens}"
                     result["rows"].append({"model": kind, "task": f"generate b{batch_size}", "precision": precision,
-                                           "variant": name, "batch": f"{batch_size}x{args.prompt_len}+{args.new_tokens}",
+                                           "variant": name, "batch": shape,
                                            "tokens_per_s": rate, "ms_per_step": 1e3 * batch_size / rate,
                                            "peak_memory_mib": measured.peak_mib, "ratio": rate / their,
                                            "tokens_equal_reference": same, "tokens_equal_eager": own})

@@ -87,8 +87,8 @@ def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
     scores_and_values = 2 * 2 * seq_len * heads * head_dim
     moe = sum(config.is_moe_layer(index) for index in range(layers))
     # An MoE layer: the router, then k routed experts and the shared ones, each a SwiGLU of moe_intermediate_size.
-    moe_mlp = (2 * hidden * config.num_experts
-               + 2 * 3 * hidden * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts))
+    experts_per_token = config.num_experts_per_tok + config.num_shared_experts
+    moe_mlp = 2 * hidden * config.num_experts + 2 * 3 * hidden * config.moe_intermediate_size * experts_per_token
     mlp = (layers - moe) * 2 * 3 * hidden * config.intermediate_size + moe * moe_mlp
     forward = {"attention": layers * (projections + scores_and_values), "mlp": mlp,
                "lm_head": 2 * hidden * config.vocab_size}
@@ -411,8 +411,8 @@ def markdown(report: dict, name: str, source: str, plots: list[Path], out_dir: P
                   "|---|" + "---|" * len(weights["matrices"])]
         lines += [f"| {index} | " + " | ".join(f"{norm:.2f} ({zero:.1%})" for norm, zero in zip(norms, zeros)) + " |"
                   for index, (norms, zeros) in enumerate(zip(weights["norms"], weights["near_zero_fraction"]))]
-        lines += ["", f"Frobenius norm (fraction of entries with |w| < {NEAR_ZERO:g}); in MoE layers gate/up/down are all "
-                  "routed experts together."]
+        lines += ["", f"Frobenius norm (fraction of entries with |w| < {NEAR_ZERO:g}); in MoE layers gate/up/down "
+                  "are all routed experts together."]
     if "routing" in report:
         routing = report["routing"]
         experts = len(routing["expert_load"][0])
