@@ -490,6 +490,21 @@ def test_dynamic_rope_generate_is_exact_across_max_positions(cache_implementatio
     assert any(drift > 1e-3 for length, drift in llama_drift if length > 64)
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_dynamic_rope_left_padded_generate_past_max_positions_matches_rows_alone(cache_implementation):
+    byte, _ = make_pair(rope_parameters=DYNAMIC)
+    ids, mask = left_pad(random_ids(2, 58, seed=5), [50, 58])
+    kwargs = dict(GEN, max_new_tokens=14, return_dict_in_generate=True, output_logits=True)  # up to 72 tokens
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+    batch = byte.generate(ids, attention_mask=mask, **kwargs)
+    for row, length in enumerate((50, 58)):
+        alone = byte.generate(ids[row:row + 1, 58 - length:], **dict(kwargs, cache_implementation=None))
+        assert torch.equal(alone.sequences[0, length:], batch.sequences[row, 58:]), row
+        for step_alone, step_batch in zip(alone.logits, batch.logits):
+            torch.testing.assert_close(step_alone[0], step_batch[row], atol=ATOL, rtol=0)
+
+
 def test_dynamic_rope_left_padded_cache_decoding_past_max_positions_matches_full_forward():
     byte, _ = make_pair(rope_parameters=DYNAMIC)
     ids, mask = left_pad(random_ids(2, 80, seed=31), [70, 80])
