@@ -8,8 +8,8 @@ from model.decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
 from model.mlp import ByteMLP
 from model.modeling import (CACHE_FIELD, ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
                             build_attention_mask)
-from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, moe_layers,
-                       reference_moe_forward, update_expert_bias)
+from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
+                       moe_layers, reference_moe_forward, update_expert_bias)
 from model.norm import ByteRMSNorm
 from model.rope import ByteDynamicRoPE, apply_rotary_pos_emb, rotate_half
 
@@ -19,8 +19,8 @@ AutoModelForCausalLM.register(ByteModelConfig, ByteModel, exist_ok=True)
 
 __all__ = [
     "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",
-    "ByteExperts",
-    "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer", "ByteMoeCausalLMOutputWithPast",
-    "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats", "apply_rotary_pos_emb", "build_attention_mask",
-    "grouped_linear", "moe_layers", "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
+    "ByteExperts", "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer",
+    "ByteMoeCausalLMOutputWithPast", "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats",
+    "apply_rotary_pos_emb", "build_attention_mask", "grouped_linear", "mixtral_state_dict", "moe_layers",
+    "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
 ]

@@ -3,6 +3,10 @@
 from transformers import PretrainedConfig
 
 ROPE_TYPES = ("default", "dynamic")
+# Fields that Llama and Mixtral configs take under the same names and meaning.
+EXPORTED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_dropout",
+                   "hidden_act", "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class ByteModelConfig(PretrainedConfig):
@@ -92,27 +96,22 @@ class ByteModelConfig(PretrainedConfig):
         callers that export must refuse models using them)."""
         from transformers import LlamaConfig
 
-        fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                  "attention_bias", "attention_dropout", "mlp_bias", "hidden_act", "initializer_range", "use_cache",
-                  "bos_token_id", "eos_token_id", "pad_token_id")
-        # rope_theta written out in full: a missing one would otherwise take LlamaConfig's default.
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
-        return LlamaConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=rope)
+        fields = EXPORTED_FIELDS + ("intermediate_size", "attention_bias", "mlp_bias")
+        return LlamaConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope())
 
     def to_mixtral_config(self):
         """The transformers `MixtralConfig` of the same MoE architecture: every layer MoE, softmax router with
         renormalised top-k, no shared experts (callers that export must refuse anything else)."""
         from transformers import MixtralConfig
 
-        fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_dropout",
-                  "hidden_act", "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
-                  "num_experts_per_tok", "router_aux_loss_coef")
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
-        return MixtralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=rope,
+        fields = EXPORTED_FIELDS + ("num_experts_per_tok", "router_aux_loss_coef")
+        return MixtralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope(),
                              intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
                              sliding_window=None)
+
+    def exported_rope(self) -> dict:
+        # rope_theta written out in full: a missing one would otherwise take the target config's default.
+        return {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
 
     @property
     def moe_enabled(self) -> bool:

@@ -206,9 +206,8 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         every token equally. `logits_to_keep=n` computes logits of the last n only. `cache` is transformers 5.24's
         name for `past_key_values`."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache if cache is not None else past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states)
+                             past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
@@ -221,6 +220,7 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                           **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
+        # The layers' own MLP slots, not a walk over every module: this runs at every decoding step.
         stats = [layer.mlp.router_stats for layer in self.model.layers if isinstance(layer.mlp, ByteMoELayer)]
         aux_loss = z_loss = None
         if all(stat is not None for stat in stats):

@@ -184,6 +184,12 @@ def update_expert_bias(model: nn.Module, expert_counts: torch.Tensor, rate: floa
         layer.gate.expert_bias.add_(rate * torch.sign(counts.mean() - counts))
 
 
+def mixtral_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ByteModel state dict under transformers' Mixtral names: the same, less the routing biases Mixtral has no
+    place for (callers make sure they are zero)."""
+    return {name: tensor for name, tensor in state_dict.items() if not name.endswith("gate.expert_bias")}
+
+
 def reference_moe_forward(layer: ByteMoELayer, hidden_states: torch.Tensor) -> torch.Tensor:
     """The same layer as a plain loop over experts and their tokens, written for clarity only: tests compare the
     grouped dispatch against it. Dropless (as in evaluation)."""

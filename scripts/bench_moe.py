@@ -21,7 +21,7 @@ import torch
 from transformers import MixtralForCausalLM
 
 from bench_model import alternate, train_steps
-from model import ByteModel, ByteModelConfig, reference_moe_forward
+from model import ByteModel, ByteModelConfig, mixtral_state_dict, reference_moe_forward
 
 
 def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, autocast, repeats: int) -> float:
@@ -67,8 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     byte_model = ByteModel(config)
     mixtral = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
-    mixtral.load_state_dict({name: tensor for name, tensor in byte_model.state_dict().items()
-                             if not name.endswith("expert_bias")}, strict=True)
+    mixtral.load_state_dict(mixtral_state_dict(byte_model.state_dict()), strict=True)
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len),
                           generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaForCausalLM, MixtralForCausalLM  # noqa: E402
 
-from model import ByteModel, ByteModelConfig  # noqa: E402
+from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.model_info import flops_per_token  # noqa: E402
 from utils.trainer import measure_peak_flops  # noqa: E402
 
@@ -160,8 +160,8 @@ def build(kind: str, seed: int = 0) -> tuple[ByteModel, torch.nn.Module, ByteMod
         reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation="sdpa")
     else:
         reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
-    reference.load_state_dict({name: tensor for name, tensor in byte.state_dict().items()
-                               if not name.endswith("expert_bias")}, strict=True)
+    # Llama and Mixtral names are ByteModel's; only an MoE model has routing biases (zero here) to leave out.
+    reference.load_state_dict(mixtral_state_dict(byte.state_dict()), strict=True)
     return byte, reference, config
 
 

@@ -23,7 +23,7 @@ from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, Mix
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from model import ByteModelConfig  # noqa: E402
+from model import ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.checkpoint import load_model_folder, publish_folder  # noqa: E402
 from utils.config import InputError, error_summary, exit_on_input_error  # noqa: E402
 
@@ -71,8 +71,7 @@ def build_target(state_dict: dict[str, torch.Tensor], target_config: PretrainedC
     model_class, target = ((MixtralForCausalLM, "Mixtral") if target_config.model_type == "mixtral"
                            else (LlamaForCausalLM, "Llama"))
     if model_class is MixtralForCausalLM:
-        # The zero routing bias (checked) is the only MoE tensor Mixtral has no counterpart for.
-        state_dict = {name: tensor for name, tensor in state_dict.items() if not name.endswith("gate.expert_bias")}
+        state_dict = mixtral_state_dict(state_dict)  # drops the routing biases, checked to be zero
     with torch.device("meta"):
         exported = model_class(target_config)
     expected = {name: tensor.shape for name, tensor in exported.state_dict().items()}

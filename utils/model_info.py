@@ -65,12 +65,11 @@ def parameter_counts(model: nn.Module) -> dict:
     embedding = by_component["embeddings"]
     counts = {"total": total, "trainable": trainable, "embedding": embedding, "non_embedding": total - embedding,
               "by_component": by_component, "per_layer": [per_layer[index] for index in sorted(per_layer)]}
-    config = getattr(model, "config", None)
-    if getattr(config, "num_experts", 0):
+    layers = moe_layers(model)
+    if layers:
         # A token runs through k of the routed experts: the other experts' weights are idle for it.
         idle = sum((layer.num_experts - layer.top_k) * (layer.experts.gate_up_proj[0].numel()
-                                                        + layer.experts.down_proj[0].numel())
-                   for layer in moe_layers(model))
+                                                        + layer.experts.down_proj[0].numel()) for layer in layers)
         counts["active_per_token"] = total - idle
     return counts
 

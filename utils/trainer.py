@@ -177,25 +177,23 @@ class MetricsWriter:
 class RouterMonitor:
     """Expert load, dropped token-slots and the balancing losses of an MoE model, summed over micro-batches and
     processes; applies the auxiliary-loss-free bias update after every optimizer step. Does nothing for a dense
-    model."""
+    model. Per MoE layer, one row of counts: token-slots routed to each expert, then the slots dropped, so that a
+    step needs a single all-reduce."""
 
     def __init__(self, model: nn.Module, bias_update_rate: float, context):
         self.layers = moe_layers(model)
         self.rate, self.context = bias_update_rate, context
         self.enabled = bool(self.layers)
         if self.enabled:
-            shape = (len(self.layers), self.layers[0].num_experts)
-            self.step_counts = torch.zeros(shape, device=context.device)
-            self.step_dropped = torch.zeros(len(self.layers), device=context.device)
-            self.window_counts, self.window_dropped = torch.zeros_like(self.step_counts), torch.zeros_like(
-                self.step_dropped)
+            self.step_counts = torch.zeros(len(self.layers), self.layers[0].num_experts + 1, device=context.device)
+            self.window_counts = torch.zeros_like(self.step_counts)
             self.window_losses = torch.zeros(3, device=context.device)  # aux, z, micro-batches
 
     def after_forward(self, outputs) -> None:
         if not self.enabled:
             return
-        self.step_counts += torch.stack([layer.router_stats.expert_counts for layer in self.layers])
-        self.step_dropped += torch.stack([layer.router_stats.dropped for layer in self.layers])
+        self.step_counts += torch.stack([torch.cat([layer.router_stats.expert_counts, layer.router_stats.dropped[None]])
+                                         for layer in self.layers])
         self.window_losses += torch.stack([outputs.aux_loss.detach().float(), outputs.z_loss.detach().float(),
                                            torch.ones((), device=self.context.device)])
 
@@ -204,11 +202,9 @@ class RouterMonitor:
             return
         counts = all_reduce_sum(self.step_counts, self.context)
         if self.rate > 0 and applied:
-            update_expert_bias(model, counts, self.rate)
+            update_expert_bias(model, counts[:, :-1], self.rate)
         self.window_counts += counts
-        self.window_dropped += all_reduce_sum(self.step_dropped, self.context)
         self.step_counts.zero_()
-        self.step_dropped.zero_()
 
     def metrics(self) -> dict:
         """Means over the logging window: `expert_load` is each MoE layer's share of token-slots per expert,
@@ -216,14 +212,14 @@ class RouterMonitor:
         if not self.enabled:
             return {}
         aux, z, micro_batches = all_reduce_sum(self.window_losses, self.context).tolist()
-        slots = self.window_counts.sum(dim=1).clamp(min=1)
-        load = self.window_counts / slots[:, None]
+        routed, dropped = self.window_counts[:, :-1], self.window_counts[:, -1]
+        slots = routed.sum(dim=1).clamp(min=1)
+        load = routed / slots[:, None]
         row = {"aux_loss": aux / max(micro_batches, 1), "z_loss": z / max(micro_batches, 1),
-               "dropped_frac": (self.window_dropped.sum() / slots.sum()).item(),
+               "dropped_frac": (dropped.sum() / slots.sum()).item(),
                "max_load": (load.max() * load.shape[1]).item(),
                "expert_load": [[round(value, 4) for value in layer] for layer in load.tolist()]}
         self.window_counts.zero_()
-        self.window_dropped.zero_()
         self.window_losses.zero_()
         return row
 
