@@ -3,10 +3,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from model.attention import ByteAttention, repeat_kv
+from model.compat import CACHE_FIELD, enable_activation_checkpointing
 from model.config import ByteModelConfig
 from model.decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
 from model.mlp import ByteMLP
-from model.modeling import (CACHE_FIELD, ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
+from model.modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
                             build_attention_mask)
 from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
                        moe_layers, reference_moe_forward, update_expert_bias)
@@ -21,6 +22,6 @@ __all__ = [
     "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",
     "ByteExperts", "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer",
     "ByteMoeCausalLMOutputWithPast", "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats",
-    "apply_rotary_pos_emb", "build_attention_mask", "grouped_linear", "mixtral_state_dict", "moe_layers",
-    "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
+    "apply_rotary_pos_emb", "build_attention_mask", "enable_activation_checkpointing", "grouped_linear",
+    "mixtral_state_dict", "moe_layers", "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
 ]

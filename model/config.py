@@ -1,8 +1,11 @@
 """ByteModelConfig: the single source of truth for a StellarByte model's shape."""
 
+from typing import Literal
+
 from transformers import PretrainedConfig
 
 ROPE_TYPES = ("default", "dynamic")
+LLAMA_FAMILY = ("stellarbyte", "llama", "mixtral")  # model types whose weights and shapes ByteModel shares
 # Fields that Llama and Mixtral configs take under the same names and meaning.
 EXPORTED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_dropout",
@@ -63,7 +66,7 @@ class ByteModelConfig(PretrainedConfig):
     num_shared_experts: int = 0  # experts every token goes through, beside the routed ones
     decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0; 1: every layer
     moe_capacity_factor: float | None = None  # None: dropless; else capacity per expert while training
-    scoring_func: str = "softmax"  # softmax | sigmoid
+    scoring_func: Literal["softmax", "sigmoid"] = "softmax"
     norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
     router_aux_loss_coef: float = 0.01  # load-balancing loss weight
     router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3)
@@ -71,14 +74,9 @@ class ByteModelConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Aliases passed as keyword arguments must land before the derived sizes below are computed.
-        for alias, field_name in self.attribute_map.items():
-            if alias in kwargs:
-                setattr(self, field_name, kwargs.pop(alias))
-        moe_enabled = kwargs.pop("moe_enabled", None)  # the seed project's switch
-        if moe_enabled is False:
-            self.num_experts = 0
-        elif moe_enabled and not self.num_experts:
-            raise ValueError("moe_enabled needs moe_num_experts (num_experts) > 0")
+        aliases = {key: kwargs.pop(key) for key in list(kwargs) if key in self.attribute_map or key == "moe_enabled"}
+        for name, value in self.canonical_names(aliases, self.num_experts).items():
+            setattr(self, name, value)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -109,9 +107,44 @@ class ByteModelConfig(PretrainedConfig):
                              intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
                              sliding_window=None)
 
+    @classmethod
+    def from_llama_family(cls, config: PretrainedConfig) -> "ByteModelConfig":
+        """The ByteModelConfig of the same shapes as a transformers Llama or Mixtral config (the inverse of
+        to_llama_config and to_mixtral_config), for code that reads shapes only, such as FLOP counting. RoPE
+        variants are not carried: they change no shape."""
+        if isinstance(config, cls):
+            return config
+        if config.model_type not in LLAMA_FAMILY:
+            raise ValueError(f"a {config.model_type!r} model; the trainer takes {', '.join(LLAMA_FAMILY)} models")
+        fields = {name: getattr(config, name) for name in EXPORTED_FIELDS + ("intermediate_size",)
+                  if getattr(config, name, None) is not None}
+        if config.model_type == "mixtral":
+            fields.update(num_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok,
+                          moe_intermediate_size=config.intermediate_size)
+        return cls(**fields)
+
     def exported_rope(self) -> dict:
         # rope_theta written out in full: a missing one would otherwise take the target config's default.
         return {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_parameters or {})}
+
+    @classmethod
+    def canonical_names(cls, values: dict, num_experts: int = 0) -> dict:
+        """`values` with the seed project's names replaced by the canonical ones, and its `moe_enabled` switch
+        applied to `num_experts` (whose current value, when `values` lacks it, is `num_experts`). Shared by the
+        constructor and the YAML model section, so both accept the same names."""
+        values = dict(values)
+        for alias, name in cls.attribute_map.items():
+            if alias in values:
+                if name in values and values[name] != values[alias]:
+                    raise ValueError(f"{alias} and {name} name the same field: give one of them")
+                values[name] = values.pop(alias)
+        if "moe_enabled" in values:
+            enabled = values.pop("moe_enabled")
+            if not enabled:
+                values["num_experts"] = 0
+            elif not values.get("num_experts", num_experts):
+                raise ValueError("moe_enabled needs moe_num_experts (num_experts) > 0")
+        return values
 
     @property
     def moe_enabled(self) -> bool:

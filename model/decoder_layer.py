@@ -46,7 +46,7 @@ class ByteLayerScale(nn.Module):
 class ByteDecoderLayer(GradientCheckpointingLayer):
     """Sequential (Llama): x + attn(norm(x)), then + mlp(norm(.)). Parallel (GPT-J): x + attn(norm1(x)) + mlp(norm2(x)).
 
-    Checkpointing comes from transformers' `GradientCheckpointingLayer`, so `gradient_checkpointing_enable()` works.
+    Checkpointing comes from transformers' `GradientCheckpointingLayer`, so `activation_checkpointing_enable()` works.
     """
 
     def __init__(self, config: ByteModelConfig, layer_idx: int, drop_path: float = 0.0):

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from model.attention import ByteAttention
+from model.compat import CACHE_FIELD
 from model.config import ByteModelConfig
 from model.decoder_layer import ByteDecoderLayer, ByteLayerScale
 from model.mlp import ByteMLP
@@ -19,9 +20,6 @@ from model.moe import ByteExperts, ByteMoELayer, ByteRouter
 from model.norm import ByteRMSNorm
 from model.rope import ByteDynamicRoPE, DynamicRoPEInputs
 
-# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`. The model takes
-# both names and fills whichever field the installed version's output classes have, so `generate` finds its cache.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
@@ -252,12 +250,17 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
             return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, DynamicCache)
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        if self.config.num_experts and (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        """Every way of switching checkpointing on (`activation_checkpointing_enable`, the older
+        `gradient_checkpointing_enable`, `transformers.Trainer`) ends here, so the MoE check lives here."""
+        use_reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant")
+        if enable and self.config.num_experts and use_reentrant:
             # Reentrant checkpointing runs layers under no_grad; the balancing losses the MoE layers leave for
             # forward() would then carry no gradient.
             raise ValueError("MoE models need non-reentrant gradient checkpointing (use_reentrant=False, the default)")
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
 
     @staticmethod
     def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TextStreamer
-from transformers.utils import logging as transformers_logging
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
 from utils.checkpoint import load_model_folder
 from utils.config import InputError, error_summary, exit_on_input_error
+from utils.logger import quiet_transformers
 
 
 def load(folder: str):
@@ -76,8 +76,7 @@ def parse_args() -> argparse.Namespace:
 @exit_on_input_error
 def main() -> None:
     args = parse_args()
-    transformers_logging.set_verbosity_error()  # the conversation is the output: no loading bars or notices
-    transformers_logging.disable_progress_bar()
+    quiet_transformers()
     language_model, tokenizer = load(args.model)
     config = generation_config(args, tokenizer)
     if args.seed is not None:

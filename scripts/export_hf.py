@@ -21,11 +21,11 @@ import shutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, MixtralForCausalLM,  # noqa: E402
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from model import ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.checkpoint import load_model_folder, publish_folder  # noqa: E402
 from utils.config import InputError, error_summary, exit_on_input_error  # noqa: E402
+from utils.logger import quiet_transformers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHOWN_KEYS = 3  # parameter names quoted in an error message
@@ -181,6 +181,5 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     # The command line promises one line per error: no progress bars, and no load reports (checked above instead).
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     exit_on_input_error(main)()

@@ -541,6 +541,8 @@ def script_runs(tmp_path_factory, saved_model):
     (garbage / "config.json").write_text("this is { not json")
     (root / "no_model.yaml").write_text("data:\n  seq_len: 64\ntrain:\n  max_steps: 3\n")
     (root / "invalid.yaml").write_text("model:\n  hidden_size: [64\n  num_hidden_layers: 2\n")
+    small_vocab_moe = root / "small_vocab_moe"  # no tokenizer beside it, and the demo tokenizer's ids do not fit
+    ByteModel(tiny_config(vocab_size=1234, num_experts=4, moe_intermediate_size=32)).save_pretrained(small_vocab_moe)
 
     cases = {
         "default": [],
@@ -550,6 +552,8 @@ def script_runs(tmp_path_factory, saved_model):
         "garbage_config_json": ["--model", str(garbage)],
         "no_model_section": ["--config", str(root / "no_model.yaml")],
         "invalid_yaml": ["--config", str(root / "invalid.yaml")],
+        "small_vocab_moe": ["--model", str(small_vocab_moe), "--routing-tokens", "64"],
+        "small_vocab_moe_with_data": ["--model", str(small_vocab_moe), "--data", "datasets/demo/pretrain_val.jsonl"],
     }
     started = {}
     try:
@@ -587,7 +591,17 @@ def test_script_runs_with_no_arguments(script_runs):
     assert f"{total:,}" in stdout  # the printed summary table
 
 
+def test_moe_routing_is_skipped_when_the_demo_tokenizer_does_not_fit_the_model(script_runs):
+    code, stdout, stderr, out_dir = script_runs["small_vocab_moe"]
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "routing section skipped: the tokenizer in tokenizer has 6400 ids, the model's vocabulary only 1234" in stdout
+    report = json.loads((out_dir / "small_vocab_moe_report.json").read_text())
+    assert "routing" not in report and report["parameters"]["active_per_token"] < report["parameters"]["total"]
+
+
 @pytest.mark.parametrize("case, message", [
+    ("small_vocab_moe_with_data", "the tokenizer in tokenizer has 6400 ids, the model's vocabulary only 1234"),
     ("missing_config", "config file not found"),
     ("missing_model", "model folder not found"),
     ("truncated_weights", "cannot read a model from"),

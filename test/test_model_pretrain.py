@@ -145,7 +145,9 @@ def test_help_lists_every_key_with_its_default(cli_results):
     code, out, err, _ = cli_results["help"]
     assert code == 0, err
     assert "--resume" in out and "--config" in out
-    assert "--train.max_steps (int | None, default: 400)" in out
+    assert "--train.max_steps (int | null, default: 400)" in out
+    assert "--train.precision (auto|fp32|bf16|fp16, default: 'auto')" in out  # choices are listed
+    assert "--model.hidden_size (int, default: 512)" in out  # ByteModelConfig's own default
     assert "--optim.lr (float, default: 0.003)" in out
     for key in ("--model.hidden_size", "--data.seq_len", "--train.precision", "--checkpoint.keep_last",
                 "--eval.patience", "--logging.swanlab_mode"):

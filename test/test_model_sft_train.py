@@ -1,11 +1,13 @@
 """model_sft_train.py: fine-tuning from a saved model on conversations, loss on assistant tokens only."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,6 +19,7 @@ from utils.data import PadCollator, SFTDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_VAL = ROOT / "datasets" / "demo" / "sft_val.jsonl"
+PRETRAIN_VAL = ROOT / "datasets" / "demo" / "pretrain_val.jsonl"
 
 
 def base_model(folder: Path) -> Path:
@@ -48,8 +51,8 @@ def test_sft_loss_counts_only_assistant_tokens():
 def test_fine_tunes_from_a_saved_model(tmp_path):
     source = base_model(tmp_path / "base")
     out_dir = tmp_path / "sft"
-    command = [sys.executable, "model_sft_train.py", "--model.init_from", str(source),
-               "--data.tokenizer", str(source), "--data.train_files", f"[{SFT_VAL}]",
+    # No --data.tokenizer: the starting folder's own tokenizer is used.
+    command = [sys.executable, "model_sft_train.py", "--model.init_from", str(source), "--data.train_files", f"[{SFT_VAL}]",
                "--data.val_files", f"[{SFT_VAL}]", "--data.seq_len", "128", "--train.out_dir", str(out_dir),
                "--train.max_steps", "12", "--train.micro_batch_size", "4", "--train.precision", "fp32",
                "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--eval.every_steps", "6", "--eval.patience", "0",
@@ -72,6 +75,7 @@ def test_fine_tunes_from_a_saved_model(tmp_path):
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
     assert AutoTokenizer.from_pretrained(out_dir / "final").chat_template
     assert "sample:" in result.stderr
+    assert f"tokenizer: {source}" in result.stderr
 
 
 def lora_config(source: Path, out_dir: Path, **train):
@@ -133,3 +137,83 @@ def test_lora_trains_only_adapters_and_the_merge_equals_the_adapted_model(tmp_pa
     monkeypatch.setattr(utils.trainer, "any_rank", original_any_rank)
     resumed = model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit("auto")
     assert resumed["losses"] == summary["losses"][3:]
+
+
+# ------------------------------------------------------------------- starting from plain transformers folders
+
+@pytest.fixture(scope="module")
+def transformers_folders(tmp_path_factory) -> dict[str, Path]:
+    """A plain LlamaForCausalLM folder and a Mixtral folder written by scripts/export_hf.py, each with the demo
+    tokenizer beside its weights, as a user would bring them."""
+    from transformers import LlamaForCausalLM
+
+    from helpers import llama_config_from
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export_hf import main as export
+
+    root = tmp_path_factory.mktemp("transformers-folders")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config_from(tiny_config(**ids))).save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    ByteModel(tiny_config(**ids, num_experts=4, moe_intermediate_size=32)).save_pretrained(root / "moe")
+    tokenizer.save_pretrained(root / "moe")
+    export(["--model", str(root / "moe"), "--out", str(root / "mixtral")])
+    return {"llama": root / "llama", "mixtral": root / "mixtral"}
+
+
+def plain_config(source: Path, out_dir: Path, stage: str):
+    from utils.config import TrainingConfig, build_config
+
+    data = ({"train_files": [str(SFT_VAL)], "val_files": [str(SFT_VAL)], "seq_len": 128} if stage != "pretrain" else
+            {"train_files": [str(PRETRAIN_VAL)], "val_files": [str(PRETRAIN_VAL)], "seq_len": 32,
+             "cache_dir": str(out_dir / "cache")})
+    return build_config(TrainingConfig, {
+        "model": {"init_from": str(source)}, "data": data,
+        "train": {"out_dir": str(out_dir), "max_steps": 4, "micro_batch_size": 2, "precision": "fp32"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+        "checkpoint": {"every_steps": 2}, "eval": {"every_steps": 2, "max_batches": 2},
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+        "lora": {"enabled": stage == "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0},
+    })
+
+
+@pytest.mark.parametrize("stage", ["sft", "lora", "pretrain"])
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_training_starts_from_a_plain_transformers_folder(transformers_folders, tmp_path, kind, stage):
+    import model_pretrain
+    import model_sft_train
+
+    source = transformers_folders[kind]
+    datasets = model_pretrain.pretrain_datasets if stage == "pretrain" else model_sft_train.sft_datasets
+    summary = model_sft_train.Trainer(plain_config(source, tmp_path, stage), datasets).fit()
+    assert summary["reason"] == "finished" and summary["step"] == 4
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["mfu"] > 0 for row in rows if "mfu" in row)
+    assert f"tokenizer: {source}" in (tmp_path / "train.log").read_text()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    # The model keeps its transformers class: a Llama fine-tune is still a Llama folder.
+    assert type(final).__name__ == {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}[kind]
+    original = AutoModelForCausalLM.from_pretrained(source)
+    assert not torch.equal(final.model.layers[0].self_attn.q_proj.weight,
+                           original.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_an_explicit_tokenizer_wins_and_a_folder_without_one_is_an_input_error(transformers_folders, tmp_path):
+    import model_sft_train
+    from utils.config import InputError
+
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(transformers_folders["llama"]).save_pretrained(bare)
+    config = plain_config(bare, tmp_path / "run", "sft")
+    with pytest.raises(InputError, match=f"model.init_from {bare} holds no tokenizer: set data.tokenizer"):
+        model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()
+    config.data.tokenizer = str(tmp_path / "missing")
+    with pytest.raises(InputError, match="data.tokenizer: folder not found"):
+        model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()
+    config.data.tokenizer, config.train.max_steps = str(ROOT / "tokenizer"), 1
+    assert model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()["reason"] == "finished"
+    assert f"tokenizer: {ROOT / 'tokenizer'}" in (tmp_path / "run" / "train.log").read_text()

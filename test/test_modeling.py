@@ -1,6 +1,8 @@
 """ByteModel / ByteBaseModel against transformers' LlamaForCausalLM: logits, loss, gradients, caching, generation,
 padding, tied embeddings, serialisation and Auto classes, gradient checkpointing, dynamic RoPE."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -425,14 +427,48 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
 
     byte.train()
     loss_plain, grads_plain = loss_and_grads(byte)
-    byte.gradient_checkpointing_enable()
+    byte.activation_checkpointing_enable()
     assert byte.is_gradient_checkpointing and all(layer.gradient_checkpointing for layer in byte.model.layers)
     loss_ckpt, grads_ckpt = loss_and_grads(byte)
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=ATOL, rtol=0)
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **GRAD_TOL, msg=name)
-    byte.gradient_checkpointing_disable()
+    byte.activation_checkpointing_disable()
     assert not any(layer.gradient_checkpointing for layer in byte.model.layers)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_experts": 4, "num_experts_per_tok": 2}], ids=["dense", "moe"])
+def test_transformers_trainer_trains_with_gradient_checkpointing_and_reloads(tmp_path, overrides, monkeypatch):
+    # transformers.Trainer switches checkpointing on through its own entry point (activation_checkpointing_enable
+    # in 5.x, with keywords such as every_n_layers): the model must accept whatever the installed version passes.
+    import transformers.trainer
+    from transformers import Trainer, TrainingArguments
+
+    # With the repository root on sys.path (as pytest puts it) the data folder datasets/ is a namespace package
+    # that transformers mistakes for the `datasets` library when that is not installed; a user's script outside
+    # the repository does not see it.
+    monkeypatch.setattr(transformers.trainer, "is_datasets_available", lambda: False)
+
+    torch.manual_seed(0)
+    byte = ByteModel(tiny_config(pad_token_id=0, **overrides))
+    ids = random_ids(16, 12, seed=31)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    before = {name: p.detach().clone() for name, p in byte.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), gradient_checkpointing=True, max_steps=4,
+                             per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=byte, args=args, train_dataset=dataset)
+    result = trainer.train()
+    assert result.global_step == 4 and math.isfinite(result.training_loss)
+    assert all(layer.gradient_checkpointing for layer in byte.model.layers)
+    changed = [name for name, p in byte.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    if overrides:
+        assert "model.layers.0.mlp.gate.weight" in changed  # the router learns through the checkpointed layers
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    byte.eval()
+    torch.testing.assert_close(reloaded(ids[:2]).logits, byte(ids[:2]).logits, atol=ATOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------- dynamic RoPE

@@ -89,3 +89,63 @@ def test_save_config_round_trips(tmp_path):
     loaded, _ = parse_config(Schema, None, "test", ["--config", str(tmp_path / "run" / "config.yaml")])
     assert loaded == config
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- the training scripts' schema
+
+
+def test_the_model_section_is_byte_model_config_itself():
+    from model import ByteModelConfig
+    from utils.config import NOT_IN_MODEL_SECTION, ModelSection, model_config_from
+
+    section = ModelSection()
+    expected = {name for name in ByteModelConfig.__annotations__ if name not in NOT_IN_MODEL_SECTION}
+    assert set(vars(section)) == expected | {"init_from"}
+    built = model_config_from(section, vocab_size=6400)
+    reference = ByteModelConfig()  # the same defaults, by construction
+    for name in expected:
+        assert getattr(built, name) == getattr(reference, name), name
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model.moe_enabled", "true", "--model.moe_num_experts", "4", "--model.moe_k", "2"],
+    ["--model.num_experts", "4", "--model.num_experts_per_tok", "2"],
+])
+def test_seed_names_work_in_the_model_section_and_are_saved_canonically(tmp_path, argv):
+    from utils.config import TrainingConfig, model_config_from
+
+    config, _ = parse_config(TrainingConfig, None, "test", argv + ["--model.model_dim", "128"])
+    assert (config.model.num_experts, config.model.num_experts_per_tok, config.model.hidden_size) == (4, 2, 128)
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
+    assert saved["num_experts"] == 4 and saved["hidden_size"] == 128
+    assert not {"moe_enabled", "moe_num_experts", "moe_k", "model_dim"} & set(saved)
+    assert model_config_from(config.model, vocab_size=100).moe_enabled
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.moe_enabled", "true"], "section 'model': moe_enabled needs moe_num_experts (num_experts) > 0"),
+    (["--model.model_dim", "64", "--model.hidden_size", "128"],
+     "section 'model': model_dim and hidden_size name the same field: give one of them"),
+    (["--train.precision", "fp8"], "train.precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
+    (["--train.strategy", "zero3"], "train.strategy must be one of 'ddp', 'fsdp', got 'zero3'"),
+    (["--train.compile", "sometimes"], "train.compile must be bool | auto, got 'sometimes'"),
+    (["--logging.swanlab_mode", "online"], "logging.swanlab_mode must be one of 'offline', 'local', 'cloud', "
+                                           "'disabled', got 'online'"),
+    (["--model.scoring_func", "relu"], "model.scoring_func must be one of 'softmax', 'sigmoid', got 'relu'"),
+])
+def test_the_training_schema_rejects_bad_choices_and_conflicting_names(argv, message):
+    from utils.config import TrainingConfig
+
+    with pytest.raises(InputError) as error:
+        parse_config(TrainingConfig, None, "test", argv)
+    assert str(error.value) == message
+
+
+def test_moe_enabled_false_switches_the_experts_off():
+    from utils.config import TrainingConfig
+
+    config, _ = parse_config(TrainingConfig, None, "test", ["--model.num_experts", "4", "--model.moe_enabled", "false"])
+    assert config.model.num_experts == 0
+    config, _ = parse_config(TrainingConfig, None, "test", ["--train.compile", "auto", "--train.precision", "bf16"])
+    assert (config.train.compile, config.train.precision) == ("auto", "bf16")

@@ -13,9 +13,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
+
+from model.config import ByteModelConfig
 
 
 class InputError(ValueError):
@@ -46,6 +48,13 @@ def exit_on_input_error(main: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(choice).lower() if isinstance(choice, bool) else str(choice)
+                        for choice in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
@@ -65,6 +74,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except InputError as error:
                 errors.append(error)
+        if len(errors) > 1:
+            raise InputError(f"{key} must be {_type_name(annotation)}, got {value!r}")
         raise errors[0]
     if origin is list:
         (item_type,) = typing.get_args(annotation) or (Any,)
@@ -75,6 +86,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)]
     if annotation is Any:
         return value
+    if origin is typing.Literal:
+        if any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation)):
+            return value
+        raise InputError(f"{key} must be one of {', '.join(map(repr, typing.get_args(annotation)))}, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -122,6 +137,11 @@ def build_config(schema: type, values: dict[str, Any]) -> Any:
         if not isinstance(section_values, dict):
             raise InputError(f"section '{section_name}' must be a mapping, got {section_values!r}")
         fields = _field_types(section_type)
+        if hasattr(section_type, "canonical_names"):
+            try:
+                section_values = section_type.canonical_names(section_values)
+            except ValueError as error:
+                raise InputError(f"section '{section_name}': {error}") from None
         unknown = sorted(set(section_values) - set(fields))
         if unknown:
             raise InputError(f"unknown key '{section_name}.{unknown[0]}'; valid keys in {section_name}: "
@@ -168,6 +188,8 @@ def _describe_keys(schema: type) -> str:
                 entry.default_factory() if entry.default_factory is not dataclasses.MISSING else "required")
             annotation = _field_types(section_type)[entry.name]
             lines.append(f"  --{section_name}.{entry.name} ({_type_name(annotation)}, default: {default!r})")
+        if hasattr(section_type, "aliases"):
+            lines.append(f"  (also accepted in {section_name}: {', '.join(section_type.aliases)})")
     return "\n".join(lines)
 
 
@@ -214,43 +236,32 @@ def parse_config(schema: type, default_config: str | None, description: str, arg
 
 # ---------------------------------------------------------------- the training scripts' configuration
 
-@dataclass
-class ModelSection:
-    """ByteModelConfig fields (vocab size and special token ids come from the tokenizer)."""
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int | None = None
-    max_position_embeddings: int = 1024
-    rope_parameters: dict | None = None
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    attention_dropout: float = 0.0
-    parallel_residual: bool = False
-    layer_scale_init: float | None = None
-    drop_path_rate: float = 0.0
-    initializer_range: float = 0.02
-    # Mixture of Experts (off while num_experts is 0); see ByteModelConfig for each field.
-    num_experts: int = 0
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int | None = None
-    num_shared_experts: int = 0
-    decoder_sparse_step: int = 1
-    moe_capacity_factor: float | None = None
-    scoring_func: str = "softmax"
-    norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
-    router_bias_update_rate: float = 0.0
-    init_from: str | None = None  # a model folder to start from instead of random weights
+# Decided by the tokenizer (vocabulary, special token ids) or at run time, never by the model section.
+NOT_IN_MODEL_SECTION = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache")
+
+
+def _model_section() -> type:
+    """The YAML model section: ByteModelConfig's own fields with its types and defaults (one definition of the
+    model), plus `init_from`. The seed project's names are accepted and stored under the canonical ones."""
+    defaults = ByteModelConfig.__dataclass_fields__
+    fields = [(name, annotation, field(default=defaults[name].default))
+              for name, annotation in ByteModelConfig.__annotations__.items() if name not in NOT_IN_MODEL_SECTION]
+    # A model folder to start from (this project's final/, a Llama or Mixtral folder) instead of random weights.
+    fields.append(("init_from", str | None, field(default=None)))
+    return dataclasses.make_dataclass("ModelSection", fields, namespace={
+        "__doc__": "ByteModelConfig's fields; vocabulary and special token ids come from the tokenizer.",
+        "canonical_names": staticmethod(ByteModelConfig.canonical_names),
+        "aliases": (*ByteModelConfig.attribute_map, "moe_enabled")})
+
+
+ModelSection = _model_section()
 
 
 @dataclass
 class DataSection:
     train_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_val.jsonl"])
-    tokenizer: str = "tokenizer"
+    tokenizer: str | None = None  # None: model.init_from's own tokenizer when it has one, else tokenizer/
     seq_len: int = 256
     cache_dir: str = ".cache/data"
     strict: bool = False
@@ -266,9 +277,9 @@ class TrainSection:
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     seed: int = 42
-    precision: str = "auto"
-    strategy: str = "ddp"
-    compile: bool | str = "auto"  # true | false | auto (on where it measured faster: bf16 autocast or CUDA, no MoE)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool | Literal["auto"] = "auto"  # auto: on where it measured faster (bf16 autocast or CUDA, no MoE)
     gradient_checkpointing: bool = False
     device: str = "auto"
     max_bad_steps: int = 5
@@ -304,7 +315,7 @@ class EvalSection:
 @dataclass
 class LoggingSection:
     every_steps: int = 10
-    swanlab_mode: str = "offline"
+    swanlab_mode: Literal["offline", "local", "cloud", "disabled"] = "offline"
     project: str = "stellarbyte"
     sample_prompt: str = "The"
     sample_tokens: int = 48
@@ -336,10 +347,7 @@ class TrainingConfig:
 def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None):
     """The ByteModelConfig of a model section plus what the tokenizer decides: vocabulary size and special token
     ids (or just `vocab_size`, where only the shapes matter)."""
-    from model import ByteModelConfig  # imported here: reading a config must not wait for torch and transformers
-
-    fields = {key: value for key, value in dataclasses.asdict(section).items()
-              if key != "init_from" and (value is not None or key == "intermediate_size")}
+    fields = {key: value for key, value in dataclasses.asdict(section).items() if key != "init_from"}
     if tokenizer is not None:
         fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

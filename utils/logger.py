@@ -49,3 +49,13 @@ def setup_logger(log_file: str | Path | None = None, rank: int = 0, level: int =
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
         logger.addHandler(file_handler)
     return logger
+
+
+def quiet_transformers(errors_only: bool = True) -> None:
+    """No per-file loading or saving bars from transformers (they would drown a log or a one-line error), and with
+    `errors_only` none of its notices either."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if errors_only:
+        transformers_logging.set_verbosity_error()

@@ -25,9 +25,11 @@ from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.config import (InputError, ModelSection, build_config, exit_on_input_error, model_config_from,  # noqa: E402
                           read_yaml)
 from utils.data import document_texts, read_jsonl  # noqa: E402
+from utils.logger import quiet_transformers  # noqa: E402
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEMO_TEXT = "datasets/demo/pretrain_val.jsonl"
 NEAR_ZERO = 1e-3  # |weight| below this counts as near zero in the checkpoint statistics
 
 
@@ -175,13 +177,31 @@ def routing_statistics(model: ByteModel, sequences: list[list[int]]) -> dict:
             "aux_loss": (aux / max(tokens, 1)).tolist(), "z_loss": (z / max(tokens, 1)).tolist()}
 
 
-def routing_sequences(data: Path, tokenizer_folder: Path, seq_len: int, max_tokens: int) -> list[list[int]]:
-    """Up to `max_tokens` tokens of a JSONL text file, in windows of at most seq_len."""
+def routing_input(args: argparse.Namespace, model_folder: Path, seq_len: int,
+                  vocab_size: int) -> list[list[int]] | None:
+    """The token windows to route: --data (default: the demo text) encoded with --tokenizer (default: the model
+    folder's own, else the demo tokenizer). None, with a note, when the defaults do not fit the model (the demo
+    tokenizer's ids outrun a smaller vocabulary); asked for explicitly, that is an input error instead."""
     from transformers import AutoTokenizer
 
-    if not (tokenizer_folder / "tokenizer.json").is_file():
-        raise InputError(f"no tokenizer in {tokenizer_folder} to encode --data with; pass --tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    explicit = args.data is not None or args.tokenizer is not None
+    folder = Path(args.tokenizer) if args.tokenizer else (
+        model_folder if (model_folder / "tokenizer.json").is_file() else Path("tokenizer"))
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(f"no tokenizer in {folder} to encode --data with; pass --tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if len(tokenizer) > vocab_size:
+        message = (f"the tokenizer in {folder} has {len(tokenizer)} ids, the model's vocabulary only {vocab_size}: "
+                   f"pass --tokenizer with the model's own")
+        if explicit:
+            raise InputError(message)
+        print(f"routing section skipped: {message}")
+        return None
+    return routing_sequences(Path(args.data or DEMO_TEXT), tokenizer, seq_len, args.routing_tokens)
+
+
+def routing_sequences(data: Path, tokenizer, seq_len: int, max_tokens: int) -> list[list[int]]:
+    """Up to `max_tokens` tokens of a JSONL text file, in windows of at most seq_len."""
     ids: list[int] = []
     for _, record in read_jsonl(data):
         for text in document_texts(record):
@@ -207,7 +227,7 @@ def config_from_yaml(path: Path) -> tuple[ByteModelConfig, int]:
         raise InputError(f"{path}: section 'data' must be a mapping")
     try:
         section = build_config(_ModelOnly, {"model": values["model"]}).model
-        tokenizer = data.get("tokenizer", "tokenizer")
+        tokenizer = data.get("tokenizer") or "tokenizer"
         config = model_config_from(section, vocab_size=_tokenizer_vocab_size(str(tokenizer), path))
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
@@ -463,11 +483,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-size", type=int, default=8, help="micro-batch for the training memory estimate")
     parser.add_argument("--out", default="model_info", help="folder of the report (plots go to OUT/plots)")
     parser.add_argument("--name", help="report name (default: from the config or model folder)")
-    parser.add_argument("--data", default="datasets/demo/pretrain_val.jsonl",
-                        help="MoE models given with --model: text (JSONL) to measure expert load on")
+    parser.add_argument("--data", help=f"MoE models given with --model: text (JSONL) to measure expert load on "
+                                       f"(default: {DEMO_TEXT})")
     parser.add_argument("--tokenizer", help="tokenizer for --data (default: the model folder's, else tokenizer/)")
     parser.add_argument("--routing-tokens", type=int, default=8192, help="tokens of --data to route (default 8192)")
     args = parser.parse_args(argv)
+    quiet_transformers()
 
     if args.seq_len is not None and args.seq_len < 1 or args.batch_size < 1:
         raise InputError("--seq-len and --batch-size must be positive")
@@ -488,13 +509,11 @@ def main(argv: list[str] | None = None) -> Path:
         seq_len = args.seq_len or config_seq_len
     routing_data = None
     if trained and model.config.num_experts and args.routing_tokens > 0:
-        tokenizer = Path(args.tokenizer) if args.tokenizer else (
-            path if (path / "tokenizer.json").is_file() else Path("tokenizer"))
-        routing_data = routing_sequences(Path(args.data), tokenizer, min(seq_len, model.config.max_position_embeddings),
-                                         args.routing_tokens)
+        routing_data = routing_input(args, path, min(seq_len, model.config.max_position_embeddings),
+                                     model.config.vocab_size)
     report = build_report(model, seq_len, args.batch_size, trained, routing_data)
     if routing_data:
-        report["routing_source"] = args.data
+        report["routing_source"] = args.data or DEMO_TEXT
     out_dir = Path(args.out)
     plots = write_plots(report, name, out_dir / "plots")
     report_path = out_dir / f"{name}_report.md"

@@ -20,22 +20,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.utils import logging as transformers_logging
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from model import ByteModel, moe_layers, update_expert_bias
+from model import ByteModel, ByteModelConfig, enable_activation_checkpointing, moe_layers, update_expert_bias
 from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
 from utils.config import InputError, TrainingConfig, config_to_dict, error_summary, model_config_from, save_config
 from utils.data import ResumableSampler
 from utils.distributed import (all_gather_objects, all_reduce_sum, any_rank, barrier, init_distributed, main_first,
                                teardown, unwrap_model, wrap_model)
-from utils.logger import get_logger, setup_logger
+from utils.logger import get_logger, quiet_transformers, setup_logger
 from utils.metrics import perplexity
 from utils.model_info import flops_per_token as flops_per_token_by_component
 from utils.progressbar import ProgressBar
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STRATEGIES = ("ddp", "fsdp")
 SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online", "disabled": "disabled"}
 # Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
 RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
@@ -45,8 +42,6 @@ RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """`auto` picks bf16 only where the hardware runs it natively (CUDA with bf16, or a CPU with AVX-512 BF16):
     elsewhere bf16 is emulated and far slower than fp32. fp16 on a CPU is never worth it."""
-    if name not in PRECISIONS:
-        raise InputError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -82,8 +77,6 @@ def resolve_compile(setting: bool | str, device: torch.device, dtype: torch.dtyp
     demo-length run loses to the compile), and not for MoE models (data-dependent expert dispatch) or LoRA."""
     if isinstance(setting, bool):
         return setting
-    if setting != "auto":
-        raise InputError(f"train.compile must be true, false or auto, got {setting!r}")
     return (device.type == "cuda" or dtype == torch.bfloat16) and not moe_layers(model) and not is_peft_model(model)
 
 
@@ -108,6 +101,16 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     if "shift_labels" in batch:
         return int((batch["shift_labels"] != -100).sum())
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on `device`. Packed windows carry `shift_labels` only; transformers' models (Llama, Mixtral) compute
+    a loss only when `labels` is given and then prefer `shift_labels`, as their Trainer passes both, so `labels`
+    names the same tensor (ByteModel reads `shift_labels` alone)."""
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if "shift_labels" in batch:
+        batch.setdefault("labels", batch["shift_labels"])
+    return batch
 
 
 class GracefulStop:
@@ -237,11 +240,6 @@ class Trainer:
 
     def check_config(self) -> None:
         config = self.config
-        if config.train.strategy not in STRATEGIES:
-            raise InputError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got {config.train.strategy!r}")
-        if config.logging.swanlab_mode not in SWANLAB_MODES:
-            raise InputError(f"logging.swanlab_mode must be one of {', '.join(SWANLAB_MODES)}, "
-                             f"got {config.logging.swanlab_mode!r}")
         for key in ("train.micro_batch_size", "train.grad_accum_steps", "checkpoint.every_steps",
                     "eval.every_steps", "logging.every_steps", "train.max_bad_steps", "train.epochs"):
             section, name = key.split(".")
@@ -268,6 +266,10 @@ class Trainer:
             if not Path(section.init_from).is_dir():
                 raise InputError(f"model.init_from: folder not found: {section.init_from}")
             model = AutoModelForCausalLM.from_pretrained(section.init_from, dtype=torch.float32)
+            try:
+                ByteModelConfig.from_llama_family(model.config)
+            except ValueError as error:
+                raise InputError(f"model.init_from: {error}") from None
         else:
             model = ByteModel(model_config_from(section, tokenizer))
         if self.config.data.seq_len > model.config.max_position_embeddings:
@@ -284,6 +286,22 @@ class Trainer:
             except ValueError as error:
                 raise InputError(f"lora: {error_summary(error)}") from None
         return model
+
+    def resolve_tokenizer(self) -> str:
+        """An explicit data.tokenizer; else the starting model's own (model.init_from), else the demo tokenizer."""
+        explicit, init_from = self.config.data.tokenizer, self.config.model.init_from
+        if explicit is not None:
+            if not Path(explicit).is_dir():
+                raise InputError(f"data.tokenizer: folder not found: {explicit}")
+            return explicit
+        if init_from is None:
+            return "tokenizer"
+        if not Path(init_from).is_dir():
+            raise InputError(f"model.init_from: folder not found: {init_from}")
+        if not (Path(init_from) / "tokenizer_config.json").is_file():
+            raise InputError(f"model.init_from {init_from} holds no tokenizer: set data.tokenizer to the one its "
+                             f"model was trained with")
+        return init_from
 
     def check_resumable(self, saved: dict) -> str | None:
         current = config_to_dict(self.config)
@@ -319,13 +337,13 @@ class Trainer:
                 # A batch comes from one shard (one DataLoader worker); its last row says where that shard resumes.
                 shard = int(batch.pop("shard")[-1])
                 self.stream_positions[shard] = (int(batch.pop("document")[-1]), int(batch.pop("offset")[-1]))
-                yield {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
+                yield model_inputs(batch, self.context.device)
             self.epoch, self.stream_positions = self.epoch + 1, {}
         while True:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.loader(self.train_dataset, self.sampler, self.collate):
                 self.consumed += self.config.train.micro_batch_size
-                yield {key: value.to(self.context.device, non_blocking=True) for key, value in batch.items()}
+                yield model_inputs(batch, self.context.device)
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def num_shards(self) -> int:
@@ -341,7 +359,7 @@ class Trainer:
         out_dir = Path(config.train.out_dir)
         failed = False
         log = setup_logger(out_dir / "train.log", context.rank)
-        transformers_logging.disable_progress_bar()  # per-file save/load bars would drown the training log
+        quiet_transformers(errors_only=False)
         try:
             torch.manual_seed(config.train.seed)
             dtype = resolve_precision(config.train.precision, context.device)
@@ -349,8 +367,7 @@ class Trainer:
             if resume is None and checkpoints.step_folders():
                 raise InputError(f"{checkpoints.root} already holds checkpoints: pass --resume auto to continue, "
                                  f"or choose another train.out_dir")
-            if not Path(config.data.tokenizer).is_dir():
-                raise InputError(f"data.tokenizer: folder not found: {config.data.tokenizer}")
+            config.data.tokenizer = self.resolve_tokenizer()
             tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
 
             # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
@@ -361,7 +378,7 @@ class Trainer:
             num_parameters = sum(parameter.numel() for parameter in model.parameters())
             trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
             if config.train.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
+                enable_activation_checkpointing(model)
             if isinstance(self.train_dataset, IterableDataset):
                 # Streaming: the data's length is unknown, so the run is measured in steps.
                 if config.train.max_steps is None:
@@ -386,7 +403,8 @@ class Trainer:
             compiled = resolve_compile(config.train.compile, context.device, dtype, model)
             forward_model = torch.compile(wrapped) if compiled else wrapped
 
-            flops_per_token = sum(flops_per_token_by_component(model.config, config.data.seq_len).values())
+            flops_per_token = sum(flops_per_token_by_component(ByteModelConfig.from_llama_family(model.config),
+                                                               config.data.seq_len).values())
             peak_flops = measure_peak_flops(context.device, dtype) * context.world_size
             self.epoch = self.consumed = 0
             self.stream_positions: dict[int, tuple[int, int]] = {}
@@ -410,7 +428,8 @@ class Trainer:
                 save_config(config, out_dir / "config.yaml")
             metrics = MetricsWriter(out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
                                     config_to_dict(config), state["step"] if resume is not None else None)
-            log.info(f"model: {num_parameters / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
+            log.info(f"tokenizer: {config.data.tokenizer}; "
+                     f"model: {num_parameters / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
                      f"{data_description}, "
                      f"{steps_per_epoch} steps per epoch, {total_steps} steps; precision {dtype}; "
                      f"{context.world_size} process(es), {config.train.strategy}; device {context.device}"
@@ -574,7 +593,7 @@ class Trainer:
         for index, batch in enumerate(self.loader(dataset, sampler, self.collate)):
             if index >= batches_per_rank:
                 break
-            batch = {key: value.to(self.context.device) for key, value in batch.items()}
+            batch = model_inputs(batch, self.context.device)
             targets = count_targets(batch)
             with autocast:
                 loss = model(**batch).loss
