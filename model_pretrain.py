@@ -4,7 +4,8 @@ Also runs as a single process with `python model_pretrain.py`. Every config key 
 `--section.key value`; `--resume auto` continues from the latest usable checkpoint in train.out_dir.
 """
 
-from utils.config import TrainingConfig, exit_on_input_error, parse_config
+from utils.config import TrainingConfig, parse_config
+from utils.errors import exit_on_input_error
 from utils.data import PretrainDataset, StreamingPretrainDataset
 from utils.distributed import rank_and_world_size
 from utils.trainer import Trainer

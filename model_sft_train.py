@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_pretrain import add_arguments
-from utils.config import TrainingConfig, exit_on_input_error, parse_config
+from utils.config import TrainingConfig, parse_config
+from utils.errors import exit_on_input_error
 from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
 from utils.logger import get_logger
 from utils.metrics import generation_metrics

@@ -17,7 +17,8 @@ from rich.table import Table
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from utils.config import InputError, exit_on_input_error, parse_config
+from utils.config import parse_config
+from utils.errors import InputError, exit_on_input_error
 from utils.data import document_texts, read_jsonl
 
 ROLES = ("system", "user", "assistant")

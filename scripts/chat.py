@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
 from utils.checkpoint import load_model_folder
-from utils.config import InputError, error_summary, exit_on_input_error
+from utils.errors import InputError, error_summary, exit_on_input_error
 from utils.logger import quiet_transformers
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.config import InputError, exit_on_input_error
+from utils.errors import InputError, exit_on_input_error
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20

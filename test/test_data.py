@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 import utils.data as data_module
 from helpers import ATOL, tiny_config
 from model import ByteModel
-from utils.config import InputError
+from utils.errors import InputError
 from utils.data import (DataIssues, PadCollator, PretrainDataset, ResumableSampler, SFTDataset,
                         StreamingPretrainDataset, build_token_cache, document_texts, encode_conversation, read_jsonl)
 

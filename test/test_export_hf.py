@@ -21,7 +21,7 @@ from helpers import randomize_, tiny_config
 from model import ByteModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from export_hf import build_target, check_expressible, main, target_config_from  # noqa: E402
-from utils.config import InputError
+from utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import tiny_config
 from model import CACHE_FIELD, ByteModel, ByteModelConfig
 from utils.checkpoint import load_model_folder as load_model
-from utils.config import InputError
+from utils.errors import InputError
 from utils.model_info import (COMPONENTS, config_from_yaml, flops_per_token, inference_memory, main,
                               parameter_counts, training_memory, weight_statistics)
 

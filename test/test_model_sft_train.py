@@ -204,7 +204,7 @@ def test_training_starts_from_a_plain_transformers_folder(transformers_folders, 
 
 def test_an_explicit_tokenizer_wins_and_a_folder_without_one_is_an_input_error(transformers_folders, tmp_path):
     import model_sft_train
-    from utils.config import InputError
+    from utils.errors import InputError
 
     bare = tmp_path / "bare"
     AutoModelForCausalLM.from_pretrained(transformers_folders["llama"]).save_pretrained(bare)

@@ -23,7 +23,8 @@ import model_pretrain
 import utils.trainer
 from helpers import tiny_config
 from model import ByteModel, ByteRMSNorm
-from utils.config import InputError, TrainingConfig, build_config
+from utils.config import TrainingConfig, build_config
+from utils.errors import InputError
 from utils.trainer import (GracefulStop, MetricsWriter, Trainer, count_targets, parameter_groups, resolve_compile,
                            resolve_precision)
 

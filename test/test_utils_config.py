@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from utils.config import InputError, build_config, parse_config, save_config
+from utils.config import build_config, parse_config, save_config
+from utils.errors import InputError
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from utils.config import InputError, error_summary
+from utils.errors import InputError, error_summary
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
 from utils.logger import get_logger
 

@@ -7,8 +7,6 @@ wrong type is reported with the key's name and the valid keys instead of surfaci
 
 import argparse
 import dataclasses
-import functools
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,33 +16,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from model.config import ByteModelConfig
-
-
-class InputError(ValueError):
-    """Bad input from the user (config, command line, data file, checkpoint): reported as one line, exit code 2."""
-
-
-def error_summary(error: BaseException) -> str:
-    """The first line of an exception's message (or its type name), for one-line user messages."""
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def exit_on_input_error(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Wrap a script's main so that an InputError ends the process with `error: ...` on stderr and exit code 2."""
-
-    @functools.wraps(main)
-    def wrapper():
-        try:
-            return main()
-        except InputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return wrapper
+from utils.errors import InputError, error_summary
 
 
 def _type_name(annotation: Any) -> str:

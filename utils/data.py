@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from utils.config import InputError
+from utils.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 CACHE_FORMAT = 1  # bump when the token cache layout changes, so old caches are rebuilt

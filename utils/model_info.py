@@ -22,9 +22,9 @@ from torch import nn  # noqa: E402
 
 from model import ByteModel, ByteModelConfig, moe_layers  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
-from utils.config import (InputError, ModelSection, build_config, exit_on_input_error, model_config_from,  # noqa: E402
-                          read_yaml)
+from utils.config import ModelSection, build_config, model_config_from, read_yaml  # noqa: E402
 from utils.data import document_texts, read_jsonl  # noqa: E402
+from utils.errors import InputError, exit_on_input_error  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")

@@ -24,7 +24,8 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from model import ByteModel, ByteModelConfig, enable_activation_checkpointing, moe_layers, update_expert_bias
 from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
-from utils.config import InputError, TrainingConfig, config_to_dict, error_summary, model_config_from, save_config
+from utils.config import TrainingConfig, config_to_dict, model_config_from, save_config
+from utils.errors import InputError, error_summary
 from utils.data import ResumableSampler
 from utils.distributed import (all_gather_objects, all_reduce_sum, any_rank, barrier, init_distributed, main_first,
                                teardown, unwrap_model, wrap_model)
