@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from utils.config import parse_config
 from utils.errors import InputError, exit_on_input_error
 from utils.data import document_texts, read_jsonl
+from utils.files import publish_folder, write_atomically
 
 ROLES = ("system", "user", "assistant")
 # Every turn is `<|role|>{content}{eos}\n`; the generation prompt opens an assistant turn. The content follows the
@@ -142,16 +143,12 @@ def save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     tokenizer, and the previous one is only removed once the new one is complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    previous = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         tokenizer.save_pretrained(temporary)
-        if out_dir.exists():
-            out_dir.rename(previous)
-        temporary.rename(out_dir)
+        publish_folder(temporary, out_dir)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def chinese_share(text: str) -> float:
@@ -231,9 +228,7 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - start, 2)
     report_path = Path(config.eval.report)
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = report_path.with_name(report_path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    temporary.replace(report_path)
+    write_atomically(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print_report(report, console)
     console.print(f"report written to {report_path}")
 

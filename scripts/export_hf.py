@@ -23,8 +23,9 @@ from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, Mix
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from model import ByteModelConfig, mixtral_state_dict  # noqa: E402
-from utils.checkpoint import load_model_folder, publish_folder  # noqa: E402
+from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.errors import InputError, error_summary, exit_on_input_error  # noqa: E402
+from utils.files import publish_folder  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -19,12 +19,10 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import random
 import re
 import sysconfig
-import tempfile
 import textwrap
 import tokenize
 import unicodedata
@@ -37,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import InputError, exit_on_input_error
+from utils.files import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -371,22 +370,6 @@ def shares(texts: list[tuple[str, bool]]) -> dict[str, float]:
     return {"chars": total, "zh": zh / total, "code": code / total, "en": (total - zh - code) / total}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same directory, so readers never see a half-written file."""
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False)
-    try:
-        with handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 BSD_3_CHATTERBOT = """\
 Copyright (c) 2017, Gunther Cox All rights reserved.
 
@@ -555,8 +538,8 @@ def build(args: argparse.Namespace) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, lines in outputs.items():
-        write_atomic(args.out / name, "".join(lines))
-    write_atomic(args.out / "NOTICE", notice_text(corpus, snow, stdlib, {n: len(v) for n, v in outputs.items()}))
+        write_atomically(args.out / name, "".join(lines))
+    write_atomically(args.out / "NOTICE", notice_text(corpus, snow, stdlib, {n: len(v) for n, v in outputs.items()}))
     print_summary(args, outputs, texts, corpus, snow)
 
 

@@ -7,7 +7,6 @@ checkpoint or none of it; the last `keep_last` step folders are kept.
 """
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from utils.errors import InputError, error_summary
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
+from utils.files import publish_folder, write_atomically
 from utils.logger import get_logger
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -73,42 +73,6 @@ def _step(folder: Path) -> int:
     return int(folder.name[len("step_"):])
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file, then the folder, so a rename never publishes a folder whose files are still in flight."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def publish_folder(temporary: Path, final: Path) -> None:
-    """Make a finished temporary folder `final`: fsync it, then rename; an existing `final` is replaced only
-    after the new one is in place, so some complete version exists at every moment."""
-    fsync_tree(temporary)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        temporary.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temporary.rename(final)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
-
-
 class CheckpointManager:
     def __init__(self, out_dir: str | Path, keep_last: int, context: DistributedContext):
         if keep_last < 1:
@@ -150,7 +114,7 @@ class CheckpointManager:
             (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
             (temporary / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
             publish_folder(temporary, final)
-            _write_atomically(self.root / "latest", final.name + "\n")
+            write_atomically(self.root / "latest", final.name + "\n")
             # Keep the newest `keep_last` of this run's line; later-numbered folders of an abandoned branch stay.
             for old in [folder for folder in self.step_folders() if _step(folder) <= step][self.keep_last:]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from utils.errors import InputError
+from utils.files import open_atomically, write_atomically
 
 ROLES = ("system", "user", "assistant")
 CACHE_FORMAT = 1  # bump when the token cache layout changes, so old caches are rebuilt
@@ -171,34 +172,25 @@ def build_token_cache(files: list[str], tokenizer, cache_dir: str | Path, strict
 
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = tokens_path.with_name(f"{tokens_path.name}.tmp-{os.getpid()}")
     issues = DataIssues(strict=strict)
     num_tokens = num_documents = 0
-    try:
-        with open(temporary, "wb") as handle:
-            batch: list[str] = []
-            for _, text in iter_pretrain_documents(files, issues):
-                batch.append(text)
-                if len(batch) == TOKENIZE_BATCH:
-                    num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
-                    num_documents += len(batch)
-                    batch = []
-            if batch:
+    with open_atomically(tokens_path) as handle:
+        batch: list[str] = []
+        for _, text in iter_pretrain_documents(files, issues):
+            batch.append(text)
+            if len(batch) == TOKENIZE_BATCH:
                 num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
                 num_documents += len(batch)
-            handle.flush()
-            os.fsync(handle.fileno())
+                batch = []
+        if batch:
+            num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
+            num_documents += len(batch)
         if num_documents == 0:
             raise InputError(f"no usable documents in {', '.join(files)} ({issues.summary()})")
-        temporary.replace(tokens_path)
-    finally:
-        temporary.unlink(missing_ok=True)
     meta = {"format": CACHE_FORMAT, "files": facts, "tokenizer": tokenizer_fingerprint(tokenizer),
             "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "num_documents": num_documents,
             "skipped": dict(issues.counts), "skipped_examples": issues.examples, "first_issue": issues.first}
-    meta_temporary = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
-    meta_temporary.write_text(json.dumps(meta, indent=2))
-    meta_temporary.replace(meta_path)
+    write_atomically(meta_path, json.dumps(meta, indent=2))
     if log is not None and issues.total:
         log(issues.summary())
     return tokens_path, meta
