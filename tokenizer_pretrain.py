@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.config import parse_config
 from utils.errors import InputError, exit_on_input_error
-from utils.data import document_texts, read_jsonl
+from utils.data import check_data_file, document_texts, read_jsonl
 from utils.files import publish_folder, write_atomically
 
 ROLES = ("system", "user", "assistant")
@@ -96,10 +96,9 @@ def read_texts(paths: list[str]) -> list[str]:
     for path in paths:
         if Path(path).suffix == ".jsonl":
             file_texts = [text for _, record in read_jsonl(path) for text in document_texts(record) if text.strip()]
-        elif Path(path).is_file():
-            file_texts = [part for part in Path(path).read_text(encoding="utf-8").split("\n\n") if part.strip()]
         else:
-            raise InputError(f"data file not found: {path}")
+            check_data_file(path)
+            file_texts = [part for part in Path(path).read_text(encoding="utf-8").split("\n\n") if part.strip()]
         if not file_texts:
             raise InputError(f"{path}: no text found (empty file, or no 'text'/'conversations' fields)")
         texts.extend(file_texts)

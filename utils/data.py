@@ -54,6 +54,11 @@ class DataIssues:
         return f"skipped {self.total} bad records: " + "; ".join(parts)
 
 
+def check_data_file(path: str | Path) -> None:
+    if not Path(path).is_file():
+        raise InputError(f"data file not found: {path}")
+
+
 MALFORMED = object()  # what read_jsonl(..., yield_malformed=True) yields for a line that is not JSON
 
 
@@ -63,8 +68,7 @@ def read_jsonl(path: str | Path, issues: DataIssues | None = None,
     file and line, or, given `issues`, is reported there and skipped (or yielded as MALFORMED, for callers that
     number records)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}")
+    check_data_file(path)
     with path.open(encoding="utf-8", errors="replace") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -100,8 +104,7 @@ def iter_pretrain_documents(files: list[str], issues: DataIssues) -> Iterator[tu
         if Path(path).suffix == ".jsonl":
             records = read_jsonl(path, issues, yield_malformed=True)
         else:
-            if not Path(path).is_file():
-                raise InputError(f"data file not found: {path}")
+            check_data_file(path)
             with open(path, encoding="utf-8", errors="replace") as handle:
                 records = [(number, {"text": line.rstrip("\n")}) for number, line in enumerate(handle, 1)
                            if line.strip()]
@@ -137,8 +140,7 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
 def _file_facts(files: list[str]) -> list[dict]:
     facts = []
     for path in files:
-        if not Path(path).is_file():
-            raise InputError(f"data file not found: {path}")
+        check_data_file(path)
         stat = os.stat(path)
         facts.append({"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     return facts
@@ -293,8 +295,7 @@ class StreamingPretrainDataset(IterableDataset):
     def __init__(self, files: list[str], tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,
                  strict: bool = False, positions: dict[int, tuple[int, int]] | None = None):
         for path in files:
-            if not Path(path).is_file():
-                raise InputError(f"data file not found: {path}")
+            check_data_file(path)
         self.files, self.tokenizer, self.seq_len = list(files), tokenizer, seq_len
         self.rank, self.world_size, self.strict = rank, world_size, strict
         self.positions = dict(positions or {})
