@@ -19,10 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.config import parse_config
 from utils.errors import InputError, exit_on_input_error
-from utils.data import check_data_file, document_texts, read_jsonl
+from utils.data import ROLES, check_data_file, document_texts, read_jsonl
 from utils.files import publish_folder, write_atomically
 
-ROLES = ("system", "user", "assistant")
 # Every turn is `<|role|>{content}{eos}\n`; the generation prompt opens an assistant turn. The content follows the
 # role marker directly: a special token ends a BPE segment, so a reply is tokenized the same way whether or not it
 # follows the prompt (a "\n" there would merge with a reply's leading spaces). The reply's end token is eos, so
@@ -30,8 +29,9 @@ ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use system, user or assistant') }}"
+    "{% if message['role'] not in " + str(list(ROLES)) + " %}"
+    "{{ raise_exception('unknown role ' ~ message['role'] ~ ': use " + ", ".join(ROLES[:-1]) + " or " + ROLES[-1]
+    + "') }}"
     "{% endif %}"
     "<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}"
