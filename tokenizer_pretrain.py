@@ -7,6 +7,7 @@ per language and vocabulary use, printed as a table and saved as JSON.
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from rich.table import Table
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from utils.cjk import CJK_UNIFIED_IDEOGRAPHS
 from utils.config import parse_config
 from utils.errors import InputError, exit_on_input_error
 from utils.data import ROLES, check_data_file, document_texts, read_jsonl
@@ -37,6 +39,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+CHINESE = re.compile(f"[{CJK_UNIFIED_IDEOGRAPHS}]")  # what makes a held-out document count as Chinese
 ROUND_TRIP_SAMPLES = {
     "chinese": "今天天气很好，我们去公园散步吧。机器学习模型需要大量的数据。",
     "english": "The quick brown fox jumps over the lazy dog. Tokenizers split text into sub-word units.",
@@ -152,7 +155,7 @@ def save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
 
 def chinese_share(text: str) -> float:
     visible = [char for char in text if not char.isspace()]
-    return sum("\u4e00" <= char <= "\u9fff" for char in visible) / max(1, len(visible))
+    return len(CHINESE.findall(text)) / max(1, len(visible))
 
 
 def evaluate(tokenizer, train_texts: list[str], val_texts: list[str]) -> dict:

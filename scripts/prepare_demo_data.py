@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from utils.cjk import (CJK_COMPATIBILITY_IDEOGRAPHS, CJK_EXTENSION_A, CJK_SYMBOLS_AND_PUNCTUATION,
+                       CJK_UNIFIED_IDEOGRAPHS, HALFWIDTH_AND_FULLWIDTH_FORMS, SUPPLEMENTARY_IDEOGRAPHIC_PLANE)
 from utils.errors import InputError, exit_on_input_error
 from utils.files import write_atomically
 
@@ -63,7 +65,9 @@ STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtled
                     "ensurepip", "site-packages", "dist-packages", "lib-dynload", "__pycache__", "__phello__"}
 STDLIB_SKIP_PREFIXES = ("_sysconfigdata", "__hello__")
 
-CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002ffff]")
+# Chinese as the corpus statistics count it: Han characters and the punctuation written with them.
+CJK = re.compile(f"[{CJK_SYMBOLS_AND_PUNCTUATION}{CJK_EXTENSION_A}{CJK_UNIFIED_IDEOGRAPHS}{CJK_COMPATIBILITY_IDEOGRAPHS}"
+                 f"{HALFWIDTH_AND_FULLWIDTH_FORMS}{SUPPLEMENTARY_IDEOGRAPHIC_PLANE}]")
 # Personal data and links in user-written reviews: leave such lines out rather than try to scrub them.
 PRIVATE = re.compile(r"https?:|www\.|\.com\b|\.cn\b|[\w.+-]+@[\w-]+\.\w+|\d{5,}|ＱＱ|QQ", re.I)
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")

@@ -10,26 +10,16 @@ import re
 from collections.abc import Sequence
 from statistics import fmean
 
+from utils.cjk import HANGUL, IDEOGRAPHS, KANA
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 # NLTK resource names under which nltk.corpus.wordnet looks for its data: unpacked, then zipped (the downloader
 # leaves wordnet as corpora/wordnet.zip).
 WORDNET_RESOURCES = ("corpora/wordnet", "corpora/wordnet.zip/wordnet/")
 
-# Scripts written without spaces between words: each character is a token. Ideographs (unified, extension A,
-# compatibility, and planes 2-3 which hold extensions B-H and the compatibility supplement), kana and Hangul.
-_CJK = (
-    "\u3400-\u4dbf"  # CJK Unified Ideographs Extension A
-    "\u4e00-\u9fff"  # CJK Unified Ideographs
-    "\uf900-\ufaff"  # CJK Compatibility Ideographs
-    "\U00020000-\U0003ffff"  # Supplementary and Tertiary Ideographic Planes
-    "\u3040-\u309f"  # Hiragana
-    "\u30a0-\u30ff"  # Katakana
-    "\u31f0-\u31ff"  # Katakana Phonetic Extensions
-    "\u1100-\u11ff"  # Hangul Jamo
-    "\u3130-\u318f"  # Hangul Compatibility Jamo
-    "\uac00-\ud7af"  # Hangul Syllables
-)
+# Scripts written without spaces between words: each character is a token. Ideographs, kana and Hangul.
+_CJK = IDEOGRAPHS + KANA + HANGUL
 # One CJK character, or a run of letters/digits that are not CJK ([^\W_] is a letter or digit; excluding CJK from
 # the run keeps "北京tiananmen" from becoming one token). Everything else (punctuation, spaces, "_") separates.
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
