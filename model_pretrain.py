@@ -4,11 +4,10 @@ Also runs as a single process with `python model_pretrain.py`. Every config key 
 `--section.key value`; `--resume auto` continues from the latest usable checkpoint in train.out_dir.
 """
 
-from utils.config import TrainingConfig, parse_config
-from utils.errors import exit_on_input_error
+from utils.config import TrainingConfig
 from utils.data import PretrainDataset, StreamingPretrainDataset
 from utils.distributed import rank_and_world_size
-from utils.trainer import Trainer
+from utils.trainer import Task, run_training
 
 
 def pretrain_datasets(tokenizer, config: TrainingConfig, log):
@@ -20,22 +19,10 @@ def pretrain_datasets(tokenizer, config: TrainingConfig, log):
         train = PretrainDataset(data.train_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
     val = (PretrainDataset(data.val_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
            if data.val_files else None)
-    return train, val, None
+    return train, val
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the latest checkpoint in train.out_dir (auto) or from a step folder")
-
-
-@exit_on_input_error
-def main() -> None:
-    config, arguments = parse_config(TrainingConfig, "configs/model_pretrain.yaml", __doc__.splitlines()[0],
-                                     add_arguments=add_arguments)
-    summary = Trainer(config, pretrain_datasets).fit(arguments.resume)
-    if summary["reason"].endswith("in a row"):
-        raise SystemExit(1)
-
+PRETRAINING = Task(datasets=pretrain_datasets)
 
 if __name__ == "__main__":
-    main()
+    run_training(PRETRAINING, "configs/model_pretrain.yaml", __doc__.splitlines()[0])

@@ -1,32 +1,30 @@
 """Supervised fine-tuning: `torchrun --standalone --nproc_per_node=N model_sft_train.py --config FILE`.
 
-Starts from any causal LM folder (`model.init_from`: this project's pretraining `final/`, or a transformers Llama
-folder) and trains on chat conversations with loss on the assistant replies only. Same engine, CLI, checkpoints,
-resume and logging as `model_pretrain.py`; with `lora.enabled` only low-rank adapters are trained. At the end the
-final model answers `eval.generation_samples` validation conversations, scored with BLEU, ROUGE and METEOR.
+Starts from a causal LM folder (`model.init_from`: this project's pretraining `final/`, or a transformers Llama or
+Mixtral folder) and trains on chat conversations with loss on the assistant replies only. Same engine, CLI,
+checkpoints, resume and logging as `model_pretrain.py`; with `lora.enabled` only low-rank adapters are trained. At
+the end the final model answers `eval.generation_samples` validation conversations, scored with BLEU, ROUGE and
+METEOR.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_pretrain import add_arguments
-from utils.config import TrainingConfig, parse_config
-from utils.errors import exit_on_input_error
+from utils.config import TrainingConfig
 from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
 from utils.logger import get_logger
 from utils.metrics import generation_metrics
-from utils.trainer import Trainer
+from utils.trainer import Task, run_training
 
 
 def sft_datasets(tokenizer, config: TrainingConfig, log):
     data = config.data
     train = SFTDataset(data.train_files, tokenizer, data.seq_len, data.strict, log)
     val = SFTDataset(data.val_files, tokenizer, data.seq_len, data.strict, log) if data.val_files else None
-    return train, val, PadCollator(tokenizer.pad_token_id)
+    return train, val
 
 
 def prompts_and_references(files: list[str], limit: int) -> list[tuple[list[dict], str]]:
@@ -62,27 +60,22 @@ def evaluate_generation(folder: Path, files: list[str], samples: int, max_new_to
     return report
 
 
-@exit_on_input_error
-def main() -> None:
-    config, arguments = parse_config(TrainingConfig, "configs/model_sft.yaml", __doc__.splitlines()[0],
-                                     add_arguments=add_arguments)
-    summary = Trainer(config, sft_datasets, chat_sample=True).fit(arguments.resume)
-    if summary["reason"].endswith("in a row"):
-        raise SystemExit(1)
-    out_dir = Path(config.train.out_dir)
+def generation_row(final: Path, config: TrainingConfig) -> dict:
+    """The final model's replies to validation conversations: generation_eval.json, and the scores for metrics."""
     samples = config.eval.generation_samples
-    if samples > 0 and config.data.val_files and (out_dir / "final").is_dir() and os.environ.get("RANK", "0") == "0":
-        report = evaluate_generation(out_dir / "final", config.data.val_files, samples, config.eval.generation_tokens)
-        (out_dir / "generation_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        row = {"step": summary["step"], **{key: report[key] for key in ("bleu", "rouge1", "rouge2", "rougeL",
-                                                                         "meteor", "num_samples")}}
-        with (out_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        meteor = f"{report['meteor']:.4f}" if report["meteor"] is not None else f"unavailable ({report['meteor_note']})"
-        get_logger().info(f"generation on {report['num_samples']} validation conversations: BLEU {report['bleu']:.4f}, "
-                          f"ROUGE-1/2/L {report['rouge1']:.4f}/{report['rouge2']:.4f}/{report['rougeL']:.4f}, "
-                          f"METEOR {meteor}")
+    if samples <= 0 or not config.data.val_files:
+        return {}
+    report = evaluate_generation(final, config.data.val_files, samples, config.eval.generation_tokens)
+    (final.parent / "generation_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    meteor = f"{report['meteor']:.4f}" if report["meteor"] is not None else f"unavailable ({report['meteor_note']})"
+    get_logger().info(f"generation on {report['num_samples']} validation conversations: BLEU {report['bleu']:.4f}, "
+                      f"ROUGE-1/2/L {report['rouge1']:.4f}/{report['rouge2']:.4f}/{report['rougeL']:.4f}, "
+                      f"METEOR {meteor}")
+    return {key: report[key] for key in ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "num_samples")}
 
+
+SFT = Task(datasets=sft_datasets, collator=lambda tokenizer: PadCollator(tokenizer.pad_token_id), chat_sample=True,
+           evaluate_final=generation_row)
 
 if __name__ == "__main__":
-    main()
+    run_training(SFT, "configs/model_sft.yaml", __doc__.splitlines()[0])

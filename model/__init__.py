@@ -8,7 +8,7 @@ from model.config import ByteModelConfig
 from model.decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
 from model.mlp import ByteMLP
 from model.modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
-                            build_attention_mask)
+                            build_attention_mask, count_targets)
 from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
                        moe_layers, reference_moe_forward, update_expert_bias)
 from model.norm import ByteRMSNorm
@@ -22,6 +22,6 @@ __all__ = [
     "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",
     "ByteExperts", "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer",
     "ByteMoeCausalLMOutputWithPast", "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats",
-    "apply_rotary_pos_emb", "build_attention_mask", "enable_activation_checkpointing", "grouped_linear",
+    "apply_rotary_pos_emb", "build_attention_mask", "count_targets", "enable_activation_checkpointing", "grouped_linear",
     "mixtral_state_dict", "moe_layers", "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
 ]

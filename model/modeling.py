@@ -50,6 +50,13 @@ def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int,
     return mask
 
 
+def count_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Label tokens a causal LM loss counts (not -100): `shift_labels` when given, else `labels` after the shift
+    that forward applies to them."""
+    targets = shift_labels if shift_labels is not None else labels[:, 1:]
+    return targets.ne(-100).sum()
+
+
 @dataclass
 class ByteMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """transformers' MoE output plus the router z-loss. `aux_loss` and `z_loss` are means over the MoE layers,
@@ -229,8 +236,7 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
             weight = 1.0
             if num_items_in_batch is not None:
                 # This micro-batch's share of the step's targets, as its language-model loss is weighted.
-                targets = shift_labels if shift_labels is not None else labels[:, 1:]
-                weight = targets.ne(-100).sum() / num_items_in_batch
+                weight = count_targets(labels, shift_labels) / num_items_in_batch
             loss = loss + weight * (self.config.router_aux_loss_coef * aux_loss
                                     + self.config.router_z_loss_coef * z_loss)
         return ByteMoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,

@@ -7,7 +7,9 @@ peak measured here in the same run, greedy generation tokens/s at batch 1 and ba
 default; ByteModel also with its static cache and compiled decode step, whose tokens must equal the eager ones),
 peak memory of each measurement, and every ratio against transformers. Pairs are measured in alternating rounds
 and the median round counts, so drift of a shared machine hits both sides alike. Writes `model_info/benchmark.md`
-and `model_info/benchmark.json`. Run it alone: on a 2-core machine a second busy process distorts every number.
+and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with generation at batch 1 only, for a check
+(`scripts/bench_model.py` runs it on the dense model). Run it alone: on a 2-core machine a second busy process
+distorts every number.
 """
 
 import sys
@@ -32,12 +34,12 @@ import transformers  # noqa: E402
 from transformers import GenerationConfig, LlamaForCausalLM, MixtralForCausalLM  # noqa: E402
 
 from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
-from utils.model_info import flops_per_token  # noqa: E402
-from utils.trainer import measure_peak_flops  # noqa: E402
+from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
+QUICK = dict(compile=False, generate_batches=[1], new_tokens=64)  # defaults under --quick
 
 
 def machine() -> str:
@@ -166,7 +168,8 @@ def build(kind: str, seed: int = 0) -> tuple[ByteModel, torch.nn.Module, ByteMod
 
 
 def run(args) -> dict:
-    precisions = ["fp32"] + (["bf16"] if torch.cpu._is_avx512_bf16_supported() or torch.cuda.is_available() else [])
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cuda.is_available()
+    precisions = ["fp32"] + (["bf16"] if native_bf16 and not args.quick else [])
     device = torch.device("cpu")
     peaks = {precision: measure_peak_flops(device, torch.float32 if precision == "fp32" else torch.bfloat16)
              for precision in precisions}
@@ -268,14 +271,22 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the compiled variants (each compiles once, 10-60 s)")
     parser.add_argument("--out", default="model_info")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check rather than the full measurement: fp32 only, no compiled variants, generation "
+                             "at batch 1 with 64 new tokens unless given; written as benchmark_quick.md and .json")
     args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "benchmark.md").write_text(markdown(result), encoding="utf-8")
-    print(f"\nwritten to {out / 'benchmark.md'} and {out / 'benchmark.json'}")
-    return out / "benchmark.md"
+    # A quick run never overwrites the table of a full one.
+    name = "benchmark_quick" if args.quick else "benchmark"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result), encoding="utf-8")
+    print(f"\nwritten to {out / f'{name}.md'} and {out / f'{name}.json'}")
+    return out / f"{name}.md"
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from helpers import tiny_config
 from model import CACHE_FIELD, ByteModel, ByteModelConfig
 from utils.checkpoint import load_model_folder as load_model
 from utils.errors import InputError
-from utils.model_info import (COMPONENTS, config_from_yaml, flops_per_token, inference_memory, main,
-                              parameter_counts, training_memory, weight_statistics)
+from utils.counting import COMPONENTS, flops_per_token, parameter_counts
+from utils.model_info import config_from_yaml, inference_memory, main, training_memory, weight_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = ROOT / "configs" / "model_pretrain.yaml"
@@ -577,6 +577,7 @@ def script_runs(tmp_path_factory, saved_model):
                 process.wait()
 
 
+@pytest.mark.slow
 def test_script_runs_with_no_arguments(script_runs):
     code, stdout, stderr, out_dir = script_runs["default"]
     assert code == 0, stderr
@@ -591,6 +592,7 @@ def test_script_runs_with_no_arguments(script_runs):
     assert f"{total:,}" in stdout  # the printed summary table
 
 
+@pytest.mark.slow
 def test_moe_routing_is_skipped_when_the_demo_tokenizer_does_not_fit_the_model(script_runs):
     code, stdout, stderr, out_dir = script_runs["small_vocab_moe"]
     assert code == 0, stderr
@@ -600,6 +602,7 @@ def test_moe_routing_is_skipped_when_the_demo_tokenizer_does_not_fit_the_model(s
     assert "routing" not in report and report["parameters"]["active_per_token"] < report["parameters"]["total"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("small_vocab_moe_with_data", "the tokenizer in tokenizer has 6400 ids, the model's vocabulary only 1234"),
     ("missing_config", "config file not found"),

@@ -16,6 +16,7 @@ import model  # noqa: F401  (registers the model with the Auto classes)
 from helpers import tiny_config
 from model import ByteModel
 from utils.data import PadCollator, SFTDataset
+from utils.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_VAL = ROOT / "datasets" / "demo" / "sft_val.jsonl"
@@ -102,8 +103,7 @@ def test_lora_trains_only_adapters_and_the_merge_equals_the_adapted_model(tmp_pa
 
     source = base_model(tmp_path / "base")
     original = AutoModelForCausalLM.from_pretrained(source)
-    summary = model_sft_train.Trainer(lora_config(source, tmp_path / "a"), model_sft_train.sft_datasets,
-                                      chat_sample=True).fit()
+    summary = Trainer(lora_config(source, tmp_path / "a"), model_sft_train.SFT).fit()
     assert summary["reason"] == "finished" and summary["step"] == 6
     step = tmp_path / "a" / "checkpoints" / "step_6"
     assert (step / "adapter_model.safetensors").is_file() and not (step / "model.safetensors").exists()
@@ -133,9 +133,9 @@ def test_lora_trains_only_adapters_and_the_merge_equals_the_adapted_model(tmp_pa
 
     monkeypatch.setattr(utils.trainer, "any_rank", stop_after_three)
     config = lora_config(source, tmp_path / "b")
-    assert model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()["reason"] == "stopped by signal"
+    assert Trainer(config, model_sft_train.SFT).fit()["reason"] == "stopped by signal"
     monkeypatch.setattr(utils.trainer, "any_rank", original_any_rank)
-    resumed = model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit("auto")
+    resumed = Trainer(config, model_sft_train.SFT, "auto").fit()
     assert resumed["losses"] == summary["losses"][3:]
 
 
@@ -187,8 +187,8 @@ def test_training_starts_from_a_plain_transformers_folder(transformers_folders, 
     import model_sft_train
 
     source = transformers_folders[kind]
-    datasets = model_pretrain.pretrain_datasets if stage == "pretrain" else model_sft_train.sft_datasets
-    summary = model_sft_train.Trainer(plain_config(source, tmp_path, stage), datasets).fit()
+    task = model_pretrain.PRETRAINING if stage == "pretrain" else model_sft_train.SFT
+    summary = Trainer(plain_config(source, tmp_path, stage), task).fit()
     assert summary["reason"] == "finished" and summary["step"] == 4
     assert all(math.isfinite(loss) for loss in summary["losses"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -210,10 +210,10 @@ def test_an_explicit_tokenizer_wins_and_a_folder_without_one_is_an_input_error(t
     AutoModelForCausalLM.from_pretrained(transformers_folders["llama"]).save_pretrained(bare)
     config = plain_config(bare, tmp_path / "run", "sft")
     with pytest.raises(InputError, match=f"model.init_from {bare} holds no tokenizer: set data.tokenizer"):
-        model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()
+        Trainer(config, model_sft_train.SFT).fit()
     config.data.tokenizer = str(tmp_path / "missing")
     with pytest.raises(InputError, match="data.tokenizer: folder not found"):
-        model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()
+        Trainer(config, model_sft_train.SFT).fit()
     config.data.tokenizer, config.train.max_steps = str(ROOT / "tokenizer"), 1
-    assert model_sft_train.Trainer(config, model_sft_train.sft_datasets).fit()["reason"] == "finished"
+    assert Trainer(config, model_sft_train.SFT).fit()["reason"] == "finished"
     assert f"tokenizer: {ROOT / 'tokenizer'}" in (tmp_path / "run" / "train.log").read_text()

@@ -6,9 +6,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,9 @@ from helpers import tiny_config
 from model import ByteModel, ByteRMSNorm
 from utils.config import TrainingConfig, build_config
 from utils.errors import InputError
-from utils.trainer import (GracefulStop, MetricsWriter, Trainer, count_targets, parameter_groups, resolve_compile,
-                           resolve_precision)
+from utils.optim import parameter_groups
+from utils.precision import resolve_compile, resolve_precision
+from utils.trainer import Trainer, label_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "datasets/demo/pretrain_val.jsonl")
@@ -62,7 +61,7 @@ def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
 
 
 def fit(config: TrainingConfig, resume: str | None = None) -> dict:
-    return Trainer(config, model_pretrain.pretrain_datasets).fit(resume)
+    return Trainer(config, model_pretrain.PRETRAINING, resume).fit()
 
 
 def stop_before_call(monkeypatch, call: int) -> None:
@@ -536,8 +535,8 @@ def test_init_from_a_saved_model(tmp_path, cache_dir, short_run):
     _, short_out, _ = short_run
     config = make_config(tmp_path / "out", cache_dir, model={"init_from": str(short_out / "final")},
                          train={"max_steps": 2})
-    trainer = RecordingTrainer(config, model_pretrain.pretrain_datasets)
-    summary = trainer.fit(None)
+    trainer = RecordingTrainer(config, model_pretrain.PRETRAINING)
+    summary = trainer.fit()
     assert summary["reason"] == "finished"
     start = load_file(short_out / "final" / "model.safetensors")
     assert all(torch.equal(trainer.initial[key], value) for key, value in start.items())
@@ -606,8 +605,8 @@ def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, ca
     # No warm-up: a (wrong) update on step 1 would already change the weights.
     config = make_config(out_dir, cache_dir, train={"max_steps": 10, "max_bad_steps": 2},
                          optim={"warmup_steps": 0})
-    trainer = RecordingTrainer(config, model_pretrain.pretrain_datasets)
-    summary = trainer.fit(None)
+    trainer = RecordingTrainer(config, model_pretrain.PRETRAINING)
+    summary = trainer.fit()
     assert "in a row" in summary["reason"]
     assert summary["step"] == 2 and summary["bad_steps"] == 2 and summary["losses"] == []
     assert step_folders(out_dir) == ["step_2"]
@@ -628,13 +627,13 @@ def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, ca
 def test_count_targets_shift_labels_and_labels():
     shift = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
              "shift_labels": torch.tensor([[1, 2, -100, 3], [-100, -100, 4, 5]])}
-    assert count_targets(shift) == 5
+    assert label_targets(shift) == 5
     # `labels` are aligned with the inputs: the first position is never a target.
     labels = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
               "labels": torch.tensor([[7, 2, -100, 3], [-100, 1, -100, -100]])}
-    assert count_targets(labels) == 3
-    assert count_targets({"labels": torch.full((3, 5), -100)}) == 0
-    assert isinstance(count_targets(shift), int)
+    assert label_targets(labels) == 3
+    assert label_targets({"labels": torch.full((3, 5), -100)}) == 0
+    assert isinstance(label_targets(shift), int)
 
 
 @pytest.mark.parametrize("key", ["labels", "shift_labels"])
@@ -646,46 +645,8 @@ def test_count_targets_matches_the_models_loss_normalisation(key):
     batch = {key: targets}
     labels, shift_labels = (targets, None) if key == "labels" else (None, targets)
     mean = ByteModel.causal_lm_loss(logits, labels, None, shift_labels)
-    summed = ByteModel.causal_lm_loss(logits, labels, count_targets(batch), shift_labels)
+    summed = ByteModel.causal_lm_loss(logits, labels, label_targets(batch), shift_labels)
     torch.testing.assert_close(summed, mean)
-
-
-def test_graceful_stop_catches_sigterm_and_restores_handlers():
-    previous = signal.getsignal(signal.SIGTERM)
-    with GracefulStop() as stop:
-        assert not stop.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested
-        # Once a stop was requested, SIGINT interrupts at once.
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) is previous
-
-
-def test_graceful_stop_first_sigint_is_graceful():
-    previous = signal.getsignal(signal.SIGINT)
-    with GracefulStop() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
-    assert signal.getsignal(signal.SIGINT) is previous
-
-
-def test_metrics_writer_truncates_to_the_resumed_step(tmp_path):
-    def rows():
-        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-
-    writer = MetricsWriter(tmp_path, True, "disabled", "p", {}, None)
-    for step in range(1, 6):
-        writer.write({"step": step, "loss": 1.0})
-    writer.write({"step": 4, "val_loss": 1.0, "val_ppl": math.e})
-    writer.close()
-    assert rows() == [1, 2, 3, 4, 5, 4]
-    MetricsWriter(tmp_path, True, "disabled", "p", {}, 3).close()
-    assert rows() == [1, 2, 3]
-    MetricsWriter(tmp_path, False, "disabled", "p", {}, None).close()  # not rank 0: never touches the file
-    assert rows() == [1, 2, 3]
-    MetricsWriter(tmp_path, True, "disabled", "p", {}, None).close()  # a new run starts an empty file
-    assert rows() == []
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -697,7 +658,7 @@ def test_metrics_writer_truncates_to_the_resumed_step(tmp_path):
 ])
 def test_trainer_checks_the_config_up_front(tmp_path, cache_dir, section, key, value, message):
     with pytest.raises(InputError, match=message):
-        Trainer(make_config(tmp_path / "out", cache_dir, **{section: {key: value}}), model_pretrain.pretrain_datasets)
+        Trainer(make_config(tmp_path / "out", cache_dir, **{section: {key: value}}), model_pretrain.PRETRAINING)
     assert not (tmp_path / "out").exists()
 
 

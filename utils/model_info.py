@@ -22,78 +22,16 @@ from torch import nn  # noqa: E402
 
 from model import ByteModel, ByteModelConfig, moe_layers  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
+from utils.counting import flops_per_token, parameter_counts  # noqa: E402
 from utils.config import ModelSection, build_config, model_config_from, read_yaml  # noqa: E402
 from utils.data import document_texts, read_jsonl  # noqa: E402
 from utils.errors import InputError, exit_on_input_error  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
+from utils.router_monitor import load_statistics  # noqa: E402
 
-COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEMO_TEXT = "datasets/demo/pretrain_val.jsonl"
 NEAR_ZERO = 1e-3  # |weight| below this counts as near zero in the checkpoint statistics
-
-
-def component_of(name: str) -> str:
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    return "norms"  # input/post-attention/final norms; LayerScale gammas are counted with them
-
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
-
-
-def parameter_counts(model: nn.Module) -> dict:
-    """Every parameter counted once (tied embeddings share one tensor), by component and per decoder layer."""
-    by_component = dict.fromkeys(COMPONENTS, 0)
-    per_layer: dict[int, dict[str, int]] = {}
-    total = trainable = 0
-    for name, parameter in model.named_parameters():  # named_parameters yields a shared tensor only once
-        count = parameter.numel()
-        total += count
-        trainable += count if parameter.requires_grad else 0
-        component = component_of(name)
-        by_component[component] += count
-        layer = layer_of(name)
-        if layer is not None:
-            per_layer.setdefault(layer, dict.fromkeys(("attention", "mlp", "norms"), 0))[component] += count
-    embedding = by_component["embeddings"]
-    counts = {"total": total, "trainable": trainable, "embedding": embedding, "non_embedding": total - embedding,
-              "by_component": by_component, "per_layer": [per_layer[index] for index in sorted(per_layer)]}
-    layers = moe_layers(model)
-    if layers:
-        # A token runs through k of the routed experts: the other experts' weights are idle for it.
-        idle = sum((layer.num_experts - layer.top_k) * (layer.experts.gate_up_proj[0].numel()
-                                                        + layer.experts.down_proj[0].numel()) for layer in layers)
-        counts["active_per_token"] = total - idle
-    return counts
-
-
-def flops_per_token(config: ByteModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward = 3 x forward), by component, counting a multiply-add as 2.
-
-    Attention scores and values are counted over the full seq_len x seq_len square, as FlopCounterMode counts
-    SDPA's math backend (it does not see the CPU flash kernel at all); a causal kernel skips about half of it."""
-    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
-                                         config.num_key_value_heads, config.head_dim)
-    layers = config.num_hidden_layers
-    projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o: heads; k and v: kv heads
-    scores_and_values = 2 * 2 * seq_len * heads * head_dim
-    moe = sum(config.is_moe_layer(index) for index in range(layers))
-    # An MoE layer: the router, then k routed experts and the shared ones, each a SwiGLU of moe_intermediate_size.
-    experts_per_token = config.num_experts_per_tok + config.num_shared_experts
-    moe_mlp = 2 * hidden * config.num_experts + 2 * 3 * hidden * config.moe_intermediate_size * experts_per_token
-    mlp = (layers - moe) * 2 * 3 * hidden * config.intermediate_size + moe * moe_mlp
-    forward = {"attention": layers * (projections + scores_and_values), "mlp": mlp,
-               "lm_head": 2 * hidden * config.vocab_size}
-    return {name: 3.0 * value for name, value in forward.items()}
 
 
 def training_memory(config: ByteModelConfig, parameters: int, seq_len: int, batch_size: int) -> dict[str, dict]:
@@ -169,11 +107,9 @@ def routing_statistics(model: ByteModel, sequences: list[list[int]]) -> dict:
             tokens += len(sequence)
     finally:
         model.eval()
-    slots = counts.sum(dim=1).clamp(min=1)
-    load = counts / slots[:, None]
+    load = load_statistics(counts, dropped)
     layer_indices = [index for index in range(model.config.num_hidden_layers) if model.config.is_moe_layer(index)]
-    return {"tokens": tokens, "layers": layer_indices, "expert_load": load.tolist(),
-            "max_load": (load.max(dim=1).values * load.shape[1]).tolist(), "dropped_frac": (dropped / slots).tolist(),
+    return {"tokens": tokens, "layers": layer_indices, **{key: value.tolist() for key, value in load.items()},
             "aux_loss": (aux / max(tokens, 1)).tolist(), "z_loss": (z / max(tokens, 1)).tolist()}
 
 

@@ -1,0 +1,45 @@
+"""The run's metrics: `metrics.jsonl` (one JSON row per logged step, evaluation or final measurement) and swanlab."""
+
+import json
+from pathlib import Path
+
+SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online", "disabled": "disabled"}
+
+
+class MetricsWriter:
+    """Writes on rank 0 only (`enabled`). A resumed run's file is cut back to the resumed step first, so that it
+    reads like the file of an uninterrupted run."""
+
+    def __init__(self, out_dir: Path, enabled: bool, swanlab_mode: str, project: str, config: dict,
+                 resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.run = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(row + "\n" for row in rows))
+        elif resume_step is None:
+            self.path.write_text("")
+        if swanlab_mode != "disabled":
+            import swanlab  # imported lazily: it is slow to import and optional at run time
+
+            self.run = swanlab.init(project=project, name=out_dir.name, config=config,
+                                    mode=SWANLAB_MODES[swanlab_mode], log_dir=str(out_dir / "swanlog"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            # Scalars only: lists (the per-expert load) stay in metrics.jsonl.
+            self.run.log({key: value for key, value in row.items()
+                          if key != "step" and isinstance(value, (int, float))}, step=row["step"])
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
