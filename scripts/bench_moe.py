@@ -13,33 +13,30 @@ distorts every number.
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from transformers import MixtralForCausalLM
 
-from bench_model import alternate, train_steps
-from model import ByteModel, ByteModelConfig, mixtral_state_dict, reference_moe_forward
+from benchmark import alternate, autocast_for, trainer_for
+from model import ByteModel, ByteModelConfig, mixtral_state_dict
+from model.moe import reference_moe_forward
 
 
-def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, autocast, repeats: int) -> float:
+def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, precision: str, repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
-        with autocast():
+        with autocast_for(precision):
             output = forward(layer, x)
         output.float().pow(2).mean().backward()
         layer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def precisions() -> dict[str, object]:
+def precisions() -> list[str]:
     """fp32, plus bf16 autocast where it is native (elsewhere it is emulated and tens of times slower)."""
-    choices = {"fp32": lambda: torch.autocast("cpu", enabled=False)}
-    if torch.cpu._is_avx512_bf16_supported():
-        choices["bf16"] = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return choices
+    return ["fp32"] + (["bf16"] if torch.cpu._is_avx512_bf16_supported() else [])
 
 
 def main() -> None:
@@ -86,34 +83,21 @@ def main() -> None:
                                                               "num_experts_per_tok", "moe_intermediate_size")},
               "parameters": parameters, "max_logit_difference": difference, "tokens": batch.numel()}
     rows = []
-    for precision, autocast in precisions().items():
-        grouped = lambda: layer_seconds(lambda module, inputs: module(inputs), layer, x, autocast,  # noqa: E731
-                                        args.layer_repeats)
-        loop = lambda: layer_seconds(reference_moe_forward, layer, x, autocast, args.layer_repeats)  # noqa: E731
-        grouped(), loop()  # warm-up
-        grouped_times, loop_times = alternate(grouped, loop, args.rounds)
+    for precision in precisions():
+        timed = alternate({
+            "grouped": lambda: layer_seconds(lambda module, inputs: module(inputs), layer, x, precision,
+                                             args.layer_repeats),
+            "loop": lambda: layer_seconds(reference_moe_forward, layer, x, precision, args.layer_repeats),
+        }, args.rounds)
         layer_tokens = args.layer_repeats * x.shape[0]
-        rows.append((f"layer {precision}", "grouped", "loop", layer_tokens / statistics.median(grouped_times),
-                     layer_tokens / statistics.median(loop_times)))
+        rows.append((f"layer {precision}", "grouped", "loop", timed["grouped"].rate(layer_tokens),
+                     timed["loop"].rate(layer_tokens)))
 
-        byte_model.train()
-        mixtral.train()
-        byte_optimizer = torch.optim.AdamW(byte_model.parameters(), lr=0.0)  # lr 0: the weights stay equal
-        mixtral_optimizer = torch.optim.AdamW(mixtral.parameters(), lr=0.0)
-
-        def byte_train():
-            with autocast():
-                return train_steps(byte_model, byte_optimizer, batch, args.train_steps)
-
-        def mixtral_train():
-            with autocast():
-                return train_steps(mixtral, mixtral_optimizer, batch, args.train_steps)
-
-        byte_train(), mixtral_train()  # warm-up: allocator, kernels, optimizer state
-        byte_times, mixtral_times = alternate(byte_train, mixtral_train, args.rounds)
+        timed = alternate({"ByteModel": trainer_for(byte_model, batch, precision, args.train_steps),
+                           "Mixtral": trainer_for(mixtral, batch, precision, args.train_steps)}, args.rounds)
         model_tokens = args.train_steps * batch.numel()
-        rows.append((f"model {precision}", "ByteModel", "Mixtral", model_tokens / statistics.median(byte_times),
-                     model_tokens / statistics.median(mixtral_times)))
+        rows.append((f"model {precision}", "ByteModel", "Mixtral", timed["ByteModel"].rate(model_tokens),
+                     timed["Mixtral"].rate(model_tokens)))
 
     print(f"{'':14}{'':>10}{'tok/s':>10}{'':>10}{'tok/s':>10}{'ratio':>8}")
     for name, ours, theirs, ours_speed, their_speed in rows:
