@@ -123,7 +123,7 @@ def check_settings(config: TokenizerSection) -> None:
 
 
 def train_tokenizer(texts: list[str], config: TokenizerSection) -> PreTrainedTokenizerFast:
-    check_settings(config)
+    """A byte-level BPE tokenizer trained on `texts`, with settings that passed check_settings."""
     specials = special_tokens(config)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     # Byte-level BPE without a normaliser: every byte string round-trips exactly (code, emoji, any script).

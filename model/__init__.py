@@ -10,7 +10,7 @@ from model.mlp import ByteMLP
 from model.modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
                             build_attention_mask, count_targets)
 from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
-                       moe_layers, reference_moe_forward, update_expert_bias)
+                       moe_layers, update_expert_bias)
 from model.norm import ByteRMSNorm
 from model.rope import ByteDynamicRoPE, apply_rotary_pos_emb, rotate_half
 
@@ -23,5 +23,5 @@ __all__ = [
     "ByteExperts", "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer",
     "ByteMoeCausalLMOutputWithPast", "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats",
     "apply_rotary_pos_emb", "build_attention_mask", "count_targets", "enable_activation_checkpointing", "grouped_linear",
-    "mixtral_state_dict", "moe_layers", "reference_moe_forward", "repeat_kv", "rotate_half", "update_expert_bias",
+    "mixtral_state_dict", "moe_layers", "repeat_kv", "rotate_half", "update_expert_bias",
 ]

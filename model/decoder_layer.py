@@ -69,7 +69,6 @@ class ByteDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        use_cache: bool | None = None,
         dynamic_rope: DynamicRoPEInputs | None = None,
     ) -> torch.Tensor:
         attn_out = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,

@@ -164,7 +164,7 @@ class ByteBaseModel(BytePreTrainedModel):
         all_hidden_states = [hidden_states] if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask,
-                                  past_key_values=past_key_values, use_cache=use_cache, dynamic_rope=dynamic_rope)
+                                  past_key_values=past_key_values, dynamic_rope=dynamic_rope)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)

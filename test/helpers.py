@@ -56,12 +56,6 @@ def randomize_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return module
 
 
-def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> torch.nn.Module:
-    """Load src's weights into dst, failing on any missing or unexpected key."""
-    dst.load_state_dict(src.state_dict(), strict=True)
-    return dst
-
-
 def additive_mask(bool_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """Turn a (batch, 1, q, kv) bool mask (True = attend) into the additive float mask eager attention expects."""
     if bool_mask is None:

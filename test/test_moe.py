@@ -16,7 +16,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 import model.moe
 from helpers import ATOL, GRAD_TOL, randomize_, tiny_config
 from model import (CACHE_FIELD, ByteMLP, ByteModel, ByteModelConfig, ByteMoELayer, ByteMoeCausalLMOutputWithPast,
-                   grouped_linear, moe_layers, reference_moe_forward, update_expert_bias)
+                   grouped_linear, moe_layers, update_expert_bias)
+from model.moe import reference_moe_forward
 
 HIDDEN, INNER, EXPERTS = 32, 16, 4
 VOCAB = 128
