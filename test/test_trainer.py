@@ -25,7 +25,8 @@ from utils.config import TrainingConfig, build_config
 from utils.errors import InputError
 from utils.optim import parameter_groups
 from utils.precision import resolve_compile, resolve_precision
-from utils.trainer import Trainer, label_targets
+from utils.task import label_targets
+from utils.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "datasets/demo/pretrain_val.jsonl")

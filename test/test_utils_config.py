@@ -89,7 +89,7 @@ def test_save_config_round_trips(tmp_path):
     save_config(config, tmp_path / "run" / "config.yaml")
     loaded, _ = parse_config(Schema, None, "test", ["--config", str(tmp_path / "run" / "config.yaml")])
     assert loaded == config
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert [path.name for path in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temporary left behind
 
 
 # ---------------------------------------------------------------- the training scripts' schema

@@ -25,8 +25,12 @@ from utils.errors import InputError, error_summary
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
 from utils.files import publish_folder, write_atomically
 from utils.logger import get_logger
+from utils.lora import is_peft_model
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
+RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
+               "train": ("micro_batch_size", "grad_accum_steps", "seed")}
 
 
 def load_model_folder(path: Path, model_class=None) -> nn.Module:
@@ -50,8 +54,21 @@ def load_model_folder(path: Path, model_class=None) -> nn.Module:
     return model.eval()
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+def load_starting_model(folder: str) -> nn.Module:
+    """`model.init_from`: a folder of this project or a plain transformers Llama or Mixtral folder, in fp32. The
+    model keeps its class, so that what a run writes is the same kind of folder it started from."""
+    from transformers import AutoModelForCausalLM
+
+    from model import ByteModelConfig
+
+    if not Path(folder).is_dir():
+        raise InputError(f"model.init_from: folder not found: {folder}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        ByteModelConfig.from_llama_family(model.config)
+    except ValueError as error:
+        raise InputError(f"model.init_from: {error}") from None
+    return model
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,6 +84,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_mismatch(saved: dict, current: dict) -> str | None:
+    """Why a checkpoint saved with config `saved` cannot continue a run with config `current` exactly, or None."""
+    if current["data"]["streaming"] and saved["data"].get("num_workers") != current["data"]["num_workers"]:
+        # The stream is dealt to one shard per process and worker; the saved positions are per shard.
+        return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
+                f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
+    for section, keys in RESUME_KEYS.items():
+        for key in keys or current[section]:
+            if saved.get(section, {}).get(key) != current[section][key]:
+                return f"{section}.{key} was {saved.get(section, {}).get(key)!r}, this run has {current[section][key]!r}"
+    return None
 
 
 def _step(folder: Path) -> int:
@@ -133,6 +163,32 @@ class CheckpointManager:
             (temporary / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
             publish_folder(temporary, final)
         barrier(self.context)
+        return final
+
+    def save_final(self, model: nn.Module, tokenizer, generation_config, final: Path) -> Path:
+        """Collective. `final`: the model (from best/ when validation ran, else as it is now), tokenizer and
+        generation config, loadable with AutoModelForCausalLM and AutoTokenizer. A LoRA model is written twice: the
+        adapter alone in final/adapter/, and the base with the adapter merged in as final/ itself."""
+        state_dict = get_model_state_dict(model, options=FULL_STATE)
+        if self.context.is_main:
+            temporary = final.with_name(f".tmp-{final.name}")
+            shutil.rmtree(temporary, ignore_errors=True)
+            best = self.root / "best"
+            plain = unwrap_model(model)
+            if best.is_dir():
+                state_dict = self.read_model_state(best, plain)
+            if is_peft_model(plain):
+                from peft import set_peft_model_state_dict
+
+                if best.is_dir():
+                    set_peft_model_state_dict(plain, state_dict)
+                plain.save_pretrained(temporary / "adapter")
+                plain, state_dict = plain.merge_and_unload(), None
+            plain.generation_config = generation_config
+            plain.save_pretrained(temporary, state_dict=state_dict)
+            tokenizer.save_pretrained(temporary)
+            publish_folder(temporary, final)
+            get_logger().info(f"final model written to {final}/ ({'best' if best.is_dir() else 'last'} weights)")
         return final
 
     @staticmethod

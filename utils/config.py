@@ -17,6 +17,7 @@ import yaml
 
 from model.config import ByteModelConfig
 from utils.errors import InputError, error_summary
+from utils.files import write_atomically
 
 
 def _type_name(annotation: Any) -> str:
@@ -131,12 +132,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved configuration as YAML (written whole to a temporary file, then renamed)."""
+    """Write the resolved configuration as YAML, whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    temporary.replace(path)
+    write_atomically(path, yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -314,6 +313,44 @@ class TrainingConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraSection = field(default_factory=LoraSection)
+
+
+def check_training_config(config: TrainingConfig) -> None:
+    """What the typed config cannot say: ranges and combinations."""
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "checkpoint.every_steps", "eval.every_steps",
+                "logging.every_steps", "train.max_bad_steps", "train.epochs"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 1:
+            raise InputError(f"{key} must be >= 1, got {getattr(getattr(config, section), name)}")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise InputError(f"train.max_steps must be >= 1 or null, got {config.train.max_steps}")
+    if not 0 <= config.optim.min_lr <= config.optim.lr:
+        raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
+    lora = config.lora
+    if lora.enabled:
+        if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            raise InputError("lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
+        if not lora.target_modules:
+            raise InputError("lora.target_modules is empty")
+        if config.train.strategy == "fsdp":
+            raise InputError("LoRA runs with train.strategy=ddp (the adapters are small: sharding them gains nothing)")
+
+
+def resolve_tokenizer(config: TrainingConfig) -> str:
+    """An explicit data.tokenizer; else the starting model's own (model.init_from), else the demo tokenizer."""
+    explicit, init_from = config.data.tokenizer, config.model.init_from
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise InputError(f"data.tokenizer: folder not found: {explicit}")
+        return explicit
+    if init_from is None:
+        return "tokenizer"
+    if not Path(init_from).is_dir():
+        raise InputError(f"model.init_from: folder not found: {init_from}")
+    if not any((Path(init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise InputError(f"model.init_from {init_from} holds no tokenizer: set data.tokenizer to the one its "
+                         f"model was trained with")
+    return init_from
 
 
 def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None):

@@ -1,5 +1,6 @@
 """torchrun set-up and teardown, and wrapping a model for data parallelism (DDP or FSDP2) from outside it."""
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -114,6 +115,15 @@ def wrap_model(model: nn.Module, strategy: str, context: DistributedContext,
         fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """Only the last micro-batch of a step all-reduces gradients; the others accumulate locally."""
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ from torch import nn
 
 from model import moe_layers
 from utils.errors import InputError
+from utils.lora import is_peft_model
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -32,5 +33,4 @@ def resolve_compile(setting: bool | str, device: torch.device, dtype: torch.dtyp
     (data-dependent expert dispatch) or LoRA."""
     if isinstance(setting, bool):
         return setting
-    is_peft = hasattr(model, "peft_config")
-    return (device.type == "cuda" or dtype == torch.bfloat16) and not moe_layers(model) and not is_peft
+    return (device.type == "cuda" or dtype == torch.bfloat16) and not moe_layers(model) and not is_peft_model(model)

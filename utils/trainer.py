@@ -9,62 +9,36 @@ then writes the final model.
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
-from model import ByteModel, ByteModelConfig, count_targets, enable_activation_checkpointing
+from model import ByteModel, ByteModelConfig, enable_activation_checkpointing
 from utils.batches import TrainBatches, evaluation_batches
-from utils.checkpoint import CheckpointManager, is_peft_model, publish_folder, set_rng_state
-from utils.config import TrainingConfig, config_to_dict, model_config_from, parse_config, save_config
+from utils.checkpoint import CheckpointManager, load_starting_model, resume_mismatch, set_rng_state
+from utils.config import (TrainingConfig, check_training_config, config_to_dict, model_config_from, parse_config,
+                          resolve_tokenizer, save_config)
 from utils.counting import flops_per_token, measure_peak_flops
-from utils.distributed import all_reduce_sum, any_rank, barrier, init_distributed, main_first, teardown, unwrap_model, \
-    wrap_model
-from utils.errors import InputError, error_summary, exit_on_input_error
+from utils.distributed import (all_reduce_sum, any_rank, barrier, gradient_sync, init_distributed, main_first, teardown,
+                               wrap_model)
+from utils.errors import InputError, exit_on_input_error
 from utils.graceful_stop import GracefulStop
-from utils.logger import get_logger, quiet_transformers, setup_logger
+from utils.logger import quiet_transformers, setup_logger
+from utils.lora import add_lora
 from utils.metrics import perplexity
 from utils.metrics_writer import MetricsWriter
 from utils.optim import build_optimizer, build_scheduler
 from utils.precision import autocast, resolve_compile, resolve_precision
 from utils.progressbar import ProgressBar
 from utils.router_monitor import RouterMonitor
+from utils.samples import generate_sample
+from utils.task import Task
 
-# Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
-RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
-               "train": ("micro_batch_size", "grad_accum_steps", "seed")}
 STOPPED_BY_BAD_STEPS = "non-finite steps in a row"
-
-
-def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items_in_batch: float | None):
-    """Next-token cross-entropy on the batch's labels (a sum over `num_items_in_batch` targets when given)."""
-    return model(**batch, num_items_in_batch=num_items_in_batch)
-
-
-def label_targets(batch: dict[str, torch.Tensor]) -> int:
-    return int(count_targets(batch.get("labels"), batch.get("shift_labels")))
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a training stage supplies. `datasets(tokenizer, config, log)` returns (train, validation or None);
-    `collator(tokenizer)` the collate function (None: default collation); `loss(model, batch, num_items_in_batch)`
-    model outputs with `.loss`; `targets(batch)` the targets the loss is normalised by. `evaluate_final(folder,
-    config)` (optional) measures the final model on rank 0 and returns a metrics row."""
-    datasets: Callable[..., tuple[Any, Any]]
-    collator: Callable[[Any], Callable | None] = lambda tokenizer: None
-    loss: Callable[..., Any] = language_model_loss
-    targets: Callable[[dict], int] = label_targets
-    chat_sample: bool = False  # render the closing sample prompt as a user turn of the chat template
-    evaluate_final: Callable[[Path, TrainingConfig], dict] | None = None
 
 
 @dataclass
@@ -84,49 +58,6 @@ class TrainState:
             setattr(self, key, value)
 
 
-def check_config(config: TrainingConfig) -> None:
-    """What the typed config cannot say: ranges and combinations."""
-    for key in ("train.micro_batch_size", "train.grad_accum_steps", "checkpoint.every_steps", "eval.every_steps",
-                "logging.every_steps", "train.max_bad_steps", "train.epochs"):
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 1:
-            raise InputError(f"{key} must be >= 1, got {getattr(getattr(config, section), name)}")
-    if config.train.max_steps is not None and config.train.max_steps < 1:
-        raise InputError(f"train.max_steps must be >= 1 or null, got {config.train.max_steps}")
-    if not 0 <= config.optim.min_lr <= config.optim.lr:
-        raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
-    lora = config.lora
-    if lora.enabled:
-        if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
-            raise InputError("lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
-        if not lora.target_modules:
-            raise InputError("lora.target_modules is empty")
-        if config.train.strategy == "fsdp":
-            raise InputError("LoRA runs with train.strategy=ddp (the adapters are small: sharding them gains nothing)")
-
-
-def resume_mismatch(saved: dict, current: dict) -> str | None:
-    """Why a checkpoint saved with config `saved` cannot continue a run with config `current` exactly, or None."""
-    if current["data"]["streaming"] and saved["data"].get("num_workers") != current["data"]["num_workers"]:
-        # The stream is dealt to one shard per process and worker; the saved positions are per shard.
-        return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
-                f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
-    for section, keys in RESUME_KEYS.items():
-        for key in keys or current[section]:
-            if saved.get(section, {}).get(key) != current[section][key]:
-                return f"{section}.{key} was {saved.get(section, {}).get(key)!r}, this run has {current[section][key]!r}"
-    return None
-
-
-def gradient_sync(model: nn.Module, sync: bool):
-    """Only the last micro-batch of a step all-reduces gradients; the others accumulate locally."""
-    if isinstance(model, DistributedDataParallel) and not sync:
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def out_of_memory_as_input_error():
     try:
@@ -139,7 +70,7 @@ def out_of_memory_as_input_error():
 
 class Trainer:
     def __init__(self, config: TrainingConfig, task: Task, resume: str | None = None):
-        check_config(config)
+        check_training_config(config)
         self.config, self.task = config, task
         self.context = context = init_distributed(config.train.device)
         self.out_dir = Path(config.train.out_dir)
@@ -159,7 +90,7 @@ class Trainer:
         if resume is None and self.checkpoints.step_folders():
             raise InputError(f"{self.checkpoints.root} already holds checkpoints: pass --resume auto to continue, "
                              f"or choose another train.out_dir")
-        config.data.tokenizer = self.resolve_tokenizer()
+        config.data.tokenizer = resolve_tokenizer(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
         # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
         train_dataset, self.val_dataset = main_first(lambda: self.task.datasets(self.tokenizer, config, log.info),
@@ -208,46 +139,14 @@ class Trainer:
         if saved_rng is not None:
             set_rng_state(saved_rng)  # last, so that nothing between restore and training draws from it
 
-    def resolve_tokenizer(self) -> str:
-        """An explicit data.tokenizer; else the starting model's own (model.init_from), else the demo tokenizer."""
-        explicit, init_from = self.config.data.tokenizer, self.config.model.init_from
-        if explicit is not None:
-            if not Path(explicit).is_dir():
-                raise InputError(f"data.tokenizer: folder not found: {explicit}")
-            return explicit
-        if init_from is None:
-            return "tokenizer"
-        if not Path(init_from).is_dir():
-            raise InputError(f"model.init_from: folder not found: {init_from}")
-        if not any((Path(init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-            raise InputError(f"model.init_from {init_from} holds no tokenizer: set data.tokenizer to the one its "
-                             f"model was trained with")
-        return init_from
-
     def build_model(self, tokenizer) -> nn.Module:
-        section, lora = self.config.model, self.config.lora
-        if section.init_from:
-            if not Path(section.init_from).is_dir():
-                raise InputError(f"model.init_from: folder not found: {section.init_from}")
-            model = AutoModelForCausalLM.from_pretrained(section.init_from, dtype=torch.float32)
-            try:
-                ByteModelConfig.from_llama_family(model.config)
-            except ValueError as error:
-                raise InputError(f"model.init_from: {error}") from None
-        else:
-            model = ByteModel(model_config_from(section, tokenizer))
+        section = self.config.model
+        model = (load_starting_model(section.init_from) if section.init_from
+                 else ByteModel(model_config_from(section, tokenizer)))
         if self.config.data.seq_len > model.config.max_position_embeddings:
             raise InputError(f"data.seq_len={self.config.data.seq_len} exceeds the model's "
                              f"max_position_embeddings={model.config.max_position_embeddings}")
-        if not lora.enabled:
-            return model
-        from peft import LoraConfig, get_peft_model
-
-        try:
-            return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                    target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-        except ValueError as error:
-            raise InputError(f"lora: {error_summary(error)}") from None
+        return add_lora(model, self.config.lora) if self.config.lora.enabled else model
 
     # ------------------------------------------------------------------ the run
 
@@ -287,8 +186,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         batches = iter(self.batches)
         losses, last_eval, reason, bad_in_row = [], None, "finished", 0
-        start = window_start = time.perf_counter()
-        window_tokens = 0
+        self.start = self.window_start = time.perf_counter()
+        self.window_tokens = 0
         failed = True
         try:
             with out_of_memory_as_input_error(), GracefulStop() as stop, \
@@ -303,7 +202,7 @@ class Trainer:
                     state.step += 1
                     step_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.context.world_size
                     state.tokens_seen += step_tokens
-                    window_tokens += step_tokens
+                    self.window_tokens += step_tokens
                     bad_in_row = 0 if finite else bad_in_row + 1
                     if finite:
                         losses.append(loss)
@@ -320,15 +219,7 @@ class Trainer:
                         break
                     last = state.step == self.total_steps
                     if state.step % config.logging.every_steps == 0 or last:
-                        tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                        row = {"step": state.step, "loss": loss if finite else None,
-                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm if finite else None,
-                               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-                               "elapsed_s": time.perf_counter() - start, **self.router.metrics()}
-                        self.metrics.write(row)
-                        progress.update(state.step, loss=row["loss"] or float("nan"), lr=row["lr"],
-                                        tok_s=round(tokens_per_s))
-                        window_tokens, window_start = 0, time.perf_counter()
+                        self.log_step(progress, loss if finite else None, grad_norm if finite else None)
                     if self.val_dataset is not None and (state.step % config.eval.every_steps == 0 or last):
                         last_eval = self.evaluate()
                         if self.early_stop(last_eval):
@@ -345,6 +236,16 @@ class Trainer:
             teardown(self.context, wait=not failed)
         return {"step": state.step, "reason": reason, "losses": losses, "last_eval": last_eval,
                 "best_val_loss": state.best_val_loss, "bad_steps": state.bad_steps, "tokens_seen": state.tokens_seen}
+
+    def log_step(self, progress: ProgressBar, loss: float | None, grad_norm: float | None) -> None:
+        """A metrics row for this step; throughput and the router's figures cover the steps since the last row."""
+        tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        row = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+               "elapsed_s": time.perf_counter() - self.start, **self.router.metrics()}
+        self.metrics.write(row)
+        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s))
+        self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def save(self) -> None:
         trainer_state = {**self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -385,58 +286,21 @@ class Trainer:
         self.log.info(f"step {self.state.step}: val_loss {val_loss:.4f}, val_ppl {evaluation['val_ppl']:.2f}")
         return evaluation
     def save_final(self) -> None:
-        """`final/`: the model (the best one when validation ran), tokenizer and generation config, loadable with
-        AutoModelForCausalLM and AutoTokenizer; then a sample generation from it, and the task's final evaluation."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        from utils.checkpoint import FULL_STATE
-
-        model, tokenizer, checkpoints, out_dir = self.wrapped, self.tokenizer, self.checkpoints, self.out_dir
-        state_dict = get_model_state_dict(model, options=FULL_STATE)
+        """final/ (see CheckpointManager.save_final); then, on rank 0, a sample from it and the task's evaluation."""
+        tokenizer, logging = self.tokenizer, self.config.logging
+        generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.8, top_p=0.9,
+            max_new_tokens=logging.sample_tokens)
+        final = self.checkpoints.save_final(self.wrapped, tokenizer, generation_config, self.out_dir / "final")
         if self.context.is_main:
-            final, temporary = out_dir / "final", out_dir / ".tmp-final"
-            shutil.rmtree(temporary, ignore_errors=True)
-            best = checkpoints.root / "best"
-            plain = unwrap_model(model)
-            if best.is_dir():
-                state_dict = checkpoints.read_model_state(best, plain)
-            if is_peft_model(plain):
-                # The adapter on its own (final/adapter/), then the base with the adapter merged in (final/).
-                from peft import set_peft_model_state_dict
-
-                if best.is_dir():
-                    set_peft_model_state_dict(plain, state_dict)
-                plain.save_pretrained(temporary / "adapter")
-                plain, state_dict = plain.merge_and_unload(), None
-            plain.generation_config = GenerationConfig(
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.8, top_p=0.9,
-                max_new_tokens=self.config.logging.sample_tokens)
-            plain.save_pretrained(temporary, state_dict=state_dict)
-            tokenizer.save_pretrained(temporary)
-            publish_folder(temporary, final)
-            get_logger().info(f"final model written to {final}/ ({'best' if best.is_dir() else 'last'} weights)")
-            self.print_sample(final)
+            sample = generate_sample(final, logging.sample_prompt, logging.sample_tokens, self.config.train.seed,
+                                     chat=self.task.chat_sample)
+            self.log.info(f"sample: {sample!r}")
             row = self.task.evaluate_final(final, self.config) if self.task.evaluate_final else {}
             if row:
                 self.metrics.write({"step": self.state.step, **row})
         barrier(self.context)
-
-    def print_sample(self, folder: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        prompt = self.config.logging.sample_prompt
-        if self.task.chat_sample and tokenizer.chat_template:
-            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   return_tensors="pt", return_dict=True)
-        else:
-            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(self.config.train.seed)
-        with torch.no_grad():
-            output = model.generate(**inputs, do_sample=True, max_new_tokens=self.config.logging.sample_tokens)
-        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:] if self.task.chat_sample else output[0],
-                                skip_special_tokens=True)
-        get_logger().info(f"sample: {text!r}")
 
 
 def run_training(task: Task, default_config: str, description: str, argv: list[str] | None = None) -> dict:
