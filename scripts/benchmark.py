@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--generate-rounds", type=int, default=2)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip the compiled variants (each compiles once, 10-60 s)")
+                        help="skip the compiled variants (each pays a one-off compile)")
     parser.add_argument("--out", default="model_info")
     parser.add_argument("--quick", action="store_true",
                         help="a check rather than the full measurement: fp32 only, no compiled variants, generation "

@@ -295,7 +295,7 @@ def read_stdlib(stdlib: Path) -> tuple[list[str], list[str]]:
 
 
 def json_line(obj: dict) -> str:
-    """One JSONL line; non-ASCII text stays readable (and 3x smaller than \\u escapes for Chinese)."""
+    """One JSONL line; non-ASCII text stays readable (and half the size of \\u escapes for Chinese)."""
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
