@@ -1,40 +1,30 @@
-"""The training engine (utils/trainer.py) and its checkpoints (utils/checkpoint.py), run in-process on a tiny model:
-precision and parameter groups, a short run that learns and writes every artefact, bitwise-exact resume after a
-stop, damaged and incompatible checkpoints, non-finite steps, target counting, signals and the metrics file."""
+"""The training engine (utils/trainer.py), run in-process on a tiny model: a short run that learns and writes every
+artefact, bitwise-exact resume after a stop (dense, MoE, dropout, epoch boundaries, streaming), early stopping,
+accumulation, checkpointing, bf16, starting from a saved model, non-finite steps, up-front config checks."""
 
 import functools
-import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_pretrain
 import utils.trainer
-from helpers import tiny_config
-from model import ByteModel, ByteRMSNorm
-from utils.config import TrainingConfig, build_config
+from model import ByteModel
+from training import DATA, RecordingTrainer, fit, make_config, read_metrics, step_folders, stop_before_call
 from utils.errors import InputError
-from utils.optim import parameter_groups
-from utils.precision import resolve_compile, resolve_precision
-from utils.task import label_targets
 from utils.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = str(ROOT / "datasets/demo/pretrain_val.jsonl")
 TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
 EVAL_KEYS = {"step", "val_loss", "val_ppl"}
 
-
-# ----------------------------------------------------------------------------------------------------------- helpers
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
@@ -42,129 +32,13 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 
 
-def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
-    """A tiny, fast configuration; `sections` maps a section name to overrides of it."""
-    values = {
-        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "max_position_embeddings": 64},
-        "data": {"train_files": [DATA], "val_files": [DATA], "tokenizer": str(ROOT / "tokenizer"), "seq_len": 32,
-                 "cache_dir": str(cache_dir)},
-        "train": {"out_dir": str(out_dir), "max_steps": 12, "micro_batch_size": 2, "grad_accum_steps": 1,
-                  "precision": "fp32", "seed": 42, "compile": False},
-        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 3},
-        "checkpoint": {"every_steps": 4, "keep_last": 3},
-        "eval": {"every_steps": 4, "max_batches": 2},
-        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
-    }
-    for section, overrides in sections.items():
-        values[section] = {**values[section], **overrides}
-    return build_config(TrainingConfig, values)
-
-
-def fit(config: TrainingConfig, resume: str | None = None) -> dict:
-    return Trainer(config, model_pretrain.PRETRAINING, resume).fit()
-
-
-def stop_before_call(monkeypatch, call: int) -> None:
-    """Emulate SIGTERM: the loop asks `any_rank(stop.requested, ...)` once at the top of every step, so answering
-    True on call `call` stops the run after step `call - 1` (with a checkpoint)."""
-    original = utils.trainer.any_rank
-    calls = {"count": 0}
-
-    def any_rank(flag, context):
-        calls["count"] += 1
-        return True if calls["count"] == call else original(flag, context)
-
-    monkeypatch.setattr(utils.trainer, "any_rank", any_rank)
-
-
-class RecordingTrainer(Trainer):
-    """A Trainer that keeps a copy of the model's initial weights (`self.initial`)."""
-
-    def build_model(self, tokenizer):
-        built = super().build_model(tokenizer)
-        self.initial = {key: value.detach().clone() for key, value in built.state_dict().items()}
-        return built
-
-
-def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of out_dir/metrics.jsonl."""
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row for row in rows if "loss" in row], [row for row in rows if "val_loss" in row]
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below `folder` (directories as entries too)."""
-    digest = {}
-    for path in sorted(folder.rglob("*")):
-        relative = str(path.relative_to(folder))
-        digest[relative] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
-    return digest
-
-
-def step_folders(out_dir: Path) -> list[str]:
-    return sorted((path.name for path in (out_dir / "checkpoints").glob("step_*")), key=lambda n: int(n[5:]))
-
-
 # --------------------------------------------------------------------------------------------------------- 1. set-up
-
-def test_resolve_precision_auto_follows_the_hardware():
-    cpu = torch.device("cpu")
-    expected = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
-    assert resolve_precision("auto", cpu) == expected
-    assert resolve_precision("fp32", cpu) == torch.float32
-    assert resolve_precision("bf16", cpu) == torch.bfloat16
-
-
-def test_resolve_compile_auto_compiles_where_it_pays():
-    dense, moe = ByteModel(tiny_config()), ByteModel(tiny_config(num_experts=4))
-    cpu = torch.device("cpu")
-    assert resolve_compile("auto", cpu, torch.bfloat16, dense) is True
-    assert resolve_compile("auto", cpu, torch.float32, dense) is False
-    assert resolve_compile("auto", torch.device("cuda"), torch.float32, dense) is True
-    assert resolve_compile("auto", cpu, torch.bfloat16, moe) is False
-    assert resolve_compile(True, cpu, torch.float32, moe) is True and resolve_compile(False, cpu, torch.bfloat16,
-                                                                                      dense) is False
-
-
-def test_resolve_precision_rejects_fp16_on_cpu():
-    with pytest.raises(InputError, match="train.precision=fp16 is very slow on a CPU"):
-        resolve_precision("fp16", torch.device("cpu"))
-
 
 @pytest.mark.parametrize("section, key, value", [("train", "precision", "fp8"), ("train", "precision", ""),
                                                  ("train", "compile", "yes")])
 def test_unknown_choices_are_refused_by_the_config_schema(tmp_path, cache_dir, section, key, value):
     with pytest.raises(InputError, match=f"{section}.{key} must be"):
         make_config(tmp_path / "out", cache_dir, **{section: {key: value}})
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_parameter_groups_decay_matrices_only(tied):
-    network = ByteModel(tiny_config(tie_word_embeddings=tied, attention_bias=True, mlp_bias=True,
-                                    layer_scale_init=0.1))
-    groups = parameter_groups(network, weight_decay=0.1)
-    assert [group["weight_decay"] for group in groups] == [0.1, 0.0]
-    decay = [id(parameter) for parameter in groups[0]["params"]]
-    no_decay = [id(parameter) for parameter in groups[1]["params"]]
-    # Every parameter exactly once (a tied embedding is one parameter, not two).
-    unique = {id(parameter) for parameter in network.parameters()}
-    assert len(decay) + len(no_decay) == len(unique) == len(set(decay) | set(no_decay))
-
-    linear_weights = {id(module.weight) for module in network.modules() if isinstance(module, nn.Linear)}
-    embedding = network.model.embed_tokens.weight
-    biases = {id(module.bias) for module in network.modules()
-              if isinstance(module, nn.Linear) and module.bias is not None}
-    norms = {id(module.weight) for module in network.modules() if isinstance(module, ByteRMSNorm)}
-    assert biases and norms  # the config above really has both
-    assert id(embedding) in no_decay
-    assert biases | norms <= set(no_decay)
-    assert set(decay) == linear_weights - {id(embedding)}
-    assert (network.lm_head.weight is embedding) == tied
-    if not tied:
-        assert id(network.lm_head.weight) in decay
-    # Nothing one-dimensional is decayed.
-    assert all(parameter.ndim >= 2 for parameter in groups[0]["params"])
 
 
 # ---------------------------------------------------------------------------------------------------- 2. a short run
@@ -343,110 +217,6 @@ def test_moe_run_reports_routing_and_moves_the_routing_bias(tmp_path, cache_dir)
         torch.testing.assert_close(bias / 0.01, (bias / 0.01).round(), atol=1e-4, rtol=0)
 
 
-# ------------------------------------------------------------------------------------------------ 4. bad checkpoints
-
-@pytest.fixture(scope="module")
-def stopped_at_8(tmp_path_factory, cache_dir):
-    """A 12-step run stopped after step 8: checkpoints step_4 and step_8 (each test copies it)."""
-    out_dir = tmp_path_factory.mktemp("stopped") / "out"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        stop_before_call(monkeypatch, 9)
-        summary = fit(make_config(out_dir, cache_dir))
-    assert summary["reason"] == "stopped by signal" and summary["step"] == 8
-    assert step_folders(out_dir) == ["step_4", "step_8"]
-    return out_dir
-
-
-@pytest.fixture
-def stopped_copy(stopped_at_8, tmp_path) -> Path:
-    out_dir = tmp_path / "out"
-    shutil.copytree(stopped_at_8, out_dir)
-    return out_dir
-
-
-def test_damaged_checkpoint_is_refused_and_the_previous_one_used(stopped_copy, cache_dir):
-    damaged = stopped_copy / "checkpoints" / "step_8" / "model.safetensors"
-    damaged.write_bytes(damaged.read_bytes()[:5])
-    summary = fit(make_config(stopped_copy, cache_dir), "auto")
-    assert summary["reason"] == "finished" and summary["step"] == 12
-    assert len(summary["losses"]) == 8  # steps 5..12: resumed from step_4
-    log = (stopped_copy / "train.log").read_text()
-    warnings = [line for line in log.splitlines() if "WARNING" in line and "refused" in line]
-    assert len(warnings) == 1 and "step_8" in warnings[0], warnings
-    assert "step_4 (step 4)" in log
-    train_rows, eval_rows = read_metrics(stopped_copy)
-    assert [row["step"] for row in train_rows] == list(range(1, 13))
-    assert [row["step"] for row in eval_rows] == [4, 8, 12]
-    assert (stopped_copy / "final" / "model.safetensors").is_file()
-    # step_8 was written again by the resumed run and loads now.
-    assert load_file(stopped_copy / "checkpoints" / "step_8" / "model.safetensors")
-
-
-def test_incompatible_checkpoint_is_refused(stopped_copy, cache_dir):
-    config_file = stopped_copy / "checkpoints" / "step_8" / "config.yaml"
-    saved = yaml.safe_load(config_file.read_text())
-    saved["model"]["hidden_size"] = 64
-    config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
-    summary = fit(make_config(stopped_copy, cache_dir), "auto")
-    assert summary["reason"] == "finished" and summary["step"] == 12
-    assert len(summary["losses"]) == 8
-    log = (stopped_copy / "train.log").read_text()
-    warnings = [line for line in log.splitlines() if "WARNING" in line and "refused" in line]
-    assert len(warnings) == 1
-    assert "step_8" in warnings[0] and "incompatible" in warnings[0] and "model.hidden_size" in warnings[0]
-
-
-def test_only_incompatible_checkpoints_raise_and_touch_nothing(stopped_copy, cache_dir):
-    before = tree_digest(stopped_copy / "checkpoints")
-    metrics_before = (stopped_copy / "metrics.jsonl").read_bytes()
-    config_before = (stopped_copy / "config.yaml").read_bytes()
-    config = make_config(stopped_copy, cache_dir, model={"hidden_size": 64})
-    with pytest.raises(InputError, match="no usable checkpoint"):
-        fit(config, "auto")
-    assert tree_digest(stopped_copy / "checkpoints") == before
-    assert (stopped_copy / "metrics.jsonl").read_bytes() == metrics_before
-    assert (stopped_copy / "config.yaml").read_bytes() == config_before
-    log = (stopped_copy / "train.log").read_text()
-    refused = [line for line in log.splitlines() if "refused" in line]
-    assert len(refused) == 2 and all("model.hidden_size was 32, this run has 64" in line for line in refused)
-
-
-def test_resume_from_explicit_missing_path_raises(stopped_copy, cache_dir):
-    with pytest.raises(InputError, match="checkpoint not found"):
-        fit(make_config(stopped_copy, cache_dir), str(stopped_copy / "checkpoints" / "step_99"))
-
-
-def test_fresh_start_into_existing_checkpoints_raises(stopped_copy, cache_dir):
-    before = tree_digest(stopped_copy / "checkpoints")
-    metrics_before = (stopped_copy / "metrics.jsonl").read_bytes()
-    with pytest.raises(InputError, match="already holds checkpoints"):
-        fit(make_config(stopped_copy, cache_dir))
-    assert tree_digest(stopped_copy / "checkpoints") == before
-    assert (stopped_copy / "metrics.jsonl").read_bytes() == metrics_before
-
-
-def test_resume_from_an_explicit_older_checkpoint(stopped_copy, cache_dir):
-    summary = fit(make_config(stopped_copy, cache_dir), str(stopped_copy / "checkpoints" / "step_4"))
-    assert summary["reason"] == "finished" and summary["step"] == 12 and len(summary["losses"]) == 8
-    assert "refused" not in (stopped_copy / "train.log").read_text()
-    assert [row["step"] for row in read_metrics(stopped_copy)[0]] == list(range(1, 13))
-
-
-
-
-def test_pruning_never_deletes_the_checkpoint_just_written(stopped_copy, cache_dir, monkeypatch):
-    # Branch off step_4 (say, to retry with other settings) while step_8 of the first attempt still exists.
-    stop_before_call(monkeypatch, 3)
-    config = make_config(stopped_copy, cache_dir, checkpoint={"keep_last": 1})
-    summary = fit(config, str(stopped_copy / "checkpoints" / "step_4"))
-    assert summary["reason"] == "stopped by signal" and summary["step"] == 6
-    latest = (stopped_copy / "checkpoints" / "latest").read_text().strip()
-    assert latest == "step_6"
-    assert (stopped_copy / "checkpoints" / latest).is_dir(), step_folders(stopped_copy)
-    # keep_last applies to this line of checkpoints; the abandoned branch's later folder is not deleted
-    assert step_folders(stopped_copy) == ["step_6", "step_8"]
-
-
 # --------------------------------------------------------------------------------------------- 4b. other run options
 
 def test_early_stopping_keeps_the_best_weights(tmp_path, cache_dir):
@@ -621,33 +391,6 @@ def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, ca
     assert state["bad_steps"] == 2
     train_rows, _ = read_metrics(out_dir)
     assert all(row["loss"] is None and row["grad_norm"] is None for row in train_rows)
-
-
-# --------------------------------------------------------------------------------------------------- 6. small pieces
-
-def test_count_targets_shift_labels_and_labels():
-    shift = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
-             "shift_labels": torch.tensor([[1, 2, -100, 3], [-100, -100, 4, 5]])}
-    assert label_targets(shift) == 5
-    # `labels` are aligned with the inputs: the first position is never a target.
-    labels = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
-              "labels": torch.tensor([[7, 2, -100, 3], [-100, 1, -100, -100]])}
-    assert label_targets(labels) == 3
-    assert label_targets({"labels": torch.full((3, 5), -100)}) == 0
-    assert isinstance(label_targets(shift), int)
-
-
-@pytest.mark.parametrize("key", ["labels", "shift_labels"])
-def test_count_targets_matches_the_models_loss_normalisation(key):
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 6, 11, generator=generator)
-    targets = torch.randint(0, 11, (2, 6), generator=generator)
-    targets[0, 1] = targets[1, 3] = targets[1, 5] = -100
-    batch = {key: targets}
-    labels, shift_labels = (targets, None) if key == "labels" else (None, targets)
-    mean = ByteModel.causal_lm_loss(logits, labels, None, shift_labels)
-    summed = ByteModel.causal_lm_loss(logits, labels, label_targets(batch), shift_labels)
-    torch.testing.assert_close(summed, mean)
 
 
 @pytest.mark.parametrize("section, key, value, message", [
