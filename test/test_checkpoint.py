@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from training import fit, make_config, read_metrics, step_folders, stop_before_call, tree_digest
 from utils.errors import InputError
 
+pytestmark = pytest.mark.slow  # every test here runs a whole training
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:

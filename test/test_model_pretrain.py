@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import model  # noqa: F401  (registers the model with the Auto classes)
 from utils.data import build_token_cache
 
+pytestmark = pytest.mark.slow  # every test here launches the script (most through torchrun)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "datasets/demo/pretrain_val.jsonl")
 TIMEOUT = 240

@@ -49,6 +49,7 @@ def test_sft_loss_counts_only_assistant_tokens():
     assert mask.sum() < (batch["attention_mask"][:, 1:] == 1).sum()
 
 
+@pytest.mark.slow
 def test_fine_tunes_from_a_saved_model(tmp_path):
     source = base_model(tmp_path / "base")
     out_dir = tmp_path / "sft"
@@ -95,6 +96,7 @@ def lora_config(source: Path, out_dir: Path, **train):
     })
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_the_merge_equals_the_adapted_model(tmp_path, monkeypatch):
     from peft import PeftModel
 
@@ -180,6 +182,7 @@ def plain_config(source: Path, out_dir: Path, stage: str):
     })
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "lora", "pretrain"])
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
 def test_training_starts_from_a_plain_transformers_folder(transformers_folders, tmp_path, kind, stage):
@@ -202,6 +205,7 @@ def test_training_starts_from_a_plain_transformers_folder(transformers_folders, 
                            original.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.slow
 def test_an_explicit_tokenizer_wins_and_a_folder_without_one_is_an_input_error(transformers_folders, tmp_path):
     import model_sft_train
     from utils.errors import InputError

@@ -21,6 +21,8 @@ from training import DATA, RecordingTrainer, fit, make_config, read_metrics, ste
 from utils.errors import InputError
 from utils.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # every test here runs whole trainings
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
 EVAL_KEYS = {"step", "val_loss", "val_ppl"}
