@@ -16,8 +16,18 @@ def test_every_model_component_has_its_test_file():
     assert components and not missing, f"components without test/test_<name>.py: {missing}"
 
 
+def test_every_utils_module_has_its_test_file():
+    # utils/config.py's tests are test_utils_config.py (test_config.py is model/config.py's); utils/data.py has one
+    # file per component of it (test_data_records.py, test_data_sft.py, ...).
+    modules = [p.stem for p in (ROOT / "utils").glob("*.py") if p.stem != "__init__"]
+    tests = {p.stem for p in (ROOT / "test").glob("test_*.py")}
+    missing = [name for name in modules if not ({f"test_{name}", f"test_utils_{name}"} & tests
+                                                 or any(test.startswith(f"test_{name}_") for test in tests))]
+    assert modules and not missing, f"utils modules without test/test_<name>.py: {missing}"
+
+
 def test_datasets_folder_holds_data_only():
-    # No Python files (above all no __init__.py), so the folder never shadows the Hugging Face `datasets` library.
+    # No Python files (above all no __init__.py): where the Hugging Face `datasets` library is installed it wins.
     datasets = ROOT / "datasets"
     python_files = list(datasets.rglob("*.py")) if datasets.exists() else []
     assert not python_files, f"datasets/ must hold data only, found {python_files}"
