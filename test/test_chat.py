@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -66,6 +67,7 @@ def test_reply_respects_max_new_tokens_without_eos():
     assert tokenizer.encode(text, add_special_tokens=False) == words * 5
 
 
+@pytest.mark.slow
 def test_prompt_mode_end_to_end_and_bad_input(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
     folder = tmp_path / "chat_model"

@@ -187,6 +187,7 @@ def runs(tmp_path_factory):
 # ---------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", PARITY_CASES)
 def test_export_gives_the_same_logits_and_greedy_tokens_without_the_project(runs, case):
     byte_logits, byte_tokens = runs["byte"][case]
@@ -203,6 +204,7 @@ def test_export_gives_the_same_logits_and_greedy_tokens_without_the_project(runs
     assert len(byte_tokens) == PROMPT_LENGTH + NEW_TOKENS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", PARITY_CASES)
 def test_config_is_plain_llama_or_mixtral(runs, case):
     config = json.loads((runs[case][3] / "out" / "config.json").read_text())
@@ -227,6 +229,7 @@ def test_config_is_plain_llama_or_mixtral(runs, case):
         assert ("lm_head.weight" in weights.keys()) == (not config["tie_word_embeddings"])
 
 
+@pytest.mark.slow
 def test_tokenizer_and_generation_config_are_copied(runs):
     out = runs["tied_default"][3] / "out"
     assert runs["llama"]["tied_default"]["tokenizer_ids"] == AutoTokenizer.from_pretrained(ROOT / "tokenizer")(
@@ -237,18 +240,21 @@ def test_tokenizer_and_generation_config_are_copied(runs):
     assert {key: generation.get(key) for key in GENERATION} == GENERATION
 
 
+@pytest.mark.slow
 def test_no_tokenizer_or_generation_config_when_the_source_has_none(runs):
     out = runs["untied_dynamic"][3] / "out"
     assert runs["llama"]["untied_dynamic"]["tokenizer_ids"] is None
     assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_force_replaces_a_non_empty_out_and_leaves_no_temporary_folder(runs):
     folder = runs["untied_dynamic"][3]
     assert not (folder / "out" / "stale.txt").exists()
     assert sorted(path.name for path in folder.iterdir()) == ["out", "src"]
 
 
+@pytest.mark.slow
 def test_drop_path_is_noted(runs):
     stdout = runs["tied_default"][1]
     assert "note: drop_path_rate=0.1" in stdout
@@ -261,6 +267,7 @@ def test_drop_path_is_noted(runs):
 # ---------------------------------------------------------------- refusals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", REFUSALS)
 def test_refusals_are_one_line_exit_2_and_write_nothing(runs, case):
     code, stdout, stderr, folder = runs[case]

@@ -178,6 +178,7 @@ MOE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", MOE_CASES.values(), ids=MOE_CASES.keys())
 def test_moe_counts_active_parameters_and_flops_like_the_counter(overrides, monkeypatch):
     model = build(**overrides)
@@ -194,6 +195,7 @@ def test_moe_counts_active_parameters_and_flops_like_the_counter(overrides, monk
     assert sum(flops_per_token(config, seq_len).values()) * seq_len == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.slow
 def test_moe_model_report_shows_routing(tmp_path):
     torch.manual_seed(0)
     model = ByteModel(tiny_config(vocab_size=6400, num_experts=4, moe_intermediate_size=32, moe_capacity_factor=1.0))
@@ -390,6 +392,7 @@ def pretrain_reference_model() -> ByteModel:
     return ByteModel(ByteModelConfig(vocab_size=vocab_size, **section))
 
 
+@pytest.mark.slow
 def test_main_with_a_config_writes_report_json_and_plots(tmp_path, capsys):
     report_path = main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path)])
     name = "model_pretrain"
@@ -426,6 +429,7 @@ def test_main_with_a_config_writes_report_json_and_plots(tmp_path, capsys):
     assert f"report written to {report_path}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_main_options_seq_len_batch_size_and_name(tmp_path):
     report_path = main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path), "--seq-len", "64",
                         "--batch-size", "2", "--name", "custom"])
@@ -439,6 +443,7 @@ def test_main_options_seq_len_batch_size_and_name(tmp_path):
     assert (tmp_path / "plots" / "custom_memory.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_main_with_a_saved_model_adds_weight_statistics(saved_model, tmp_path):
     folder, model = saved_model
     report_path = main(["--model", str(folder), "--out", str(tmp_path), "--seq-len", "32"])
@@ -468,6 +473,7 @@ def test_main_with_a_saved_model_adds_weight_statistics(saved_model, tmp_path):
     assert "| 1 | " in text and "0.00 (100.0%)" in text  # the zeroed down_proj of layer 1
 
 
+@pytest.mark.slow
 def test_main_names_final_and_best_folders_after_their_run(tmp_path):
     model = build()
     model.save_pretrained(tmp_path / "run7" / "final")

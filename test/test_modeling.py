@@ -94,6 +94,7 @@ def test_loss_is_hand_computed_shifted_cross_entropy(pair):
     assert torch.isnan(byte(ids, labels=torch.full_like(ids, -100)).loss)
 
 
+@pytest.mark.slow
 def test_num_items_in_batch_gives_sum_over_count(pair):
     byte, llama = pair
     ids = random_ids(2, 10, seed=3)
@@ -108,6 +109,7 @@ def test_num_items_in_batch_gives_sum_over_count(pair):
                                    atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradients_match_llama():
     byte, llama = make_pair()
     byte.train()
@@ -125,6 +127,7 @@ def test_gradients_match_llama():
         torch.testing.assert_close(param.grad, llama_params[name].grad, **GRAD_TOL, msg=name)
 
 
+@pytest.mark.slow
 def test_logits_to_keep_and_inputs_embeds(pair):
     byte, _ = pair
     ids = random_ids(2, 8, seed=5)
@@ -139,6 +142,7 @@ def test_logits_to_keep_and_inputs_embeds(pair):
 
 
 # ----------------------------------------------------------------------------------------------- KV cache
+@pytest.mark.slow
 @pytest.mark.parametrize("num_kv", [2, 4])
 def test_kv_cache_decoding_matches_full_forward(num_kv):
     byte, llama = make_pair(num_key_value_heads=num_kv)
@@ -157,6 +161,7 @@ def test_kv_cache_decoding_matches_full_forward(num_kv):
     torch.testing.assert_close(full, llama(ids).logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("padded", [False, True])
 def test_static_cache_decoding_matches_full_forward(pair, padded):
     byte, _ = pair
@@ -189,6 +194,7 @@ def test_default_cache_in_eval_none_in_train(pair):
 
 
 # ---------------------------------------------------------------------------------------------- generation
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_greedy_generate_matches_llama(pair, cache_implementation):
     byte, llama = pair
@@ -204,6 +210,7 @@ def test_greedy_generate_matches_llama(pair, cache_implementation):
         torch.testing.assert_close(step_byte, step_llama, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_static_cache_generate_runs_a_compiled_decode_step_with_identical_tokens(pair):
     byte, _ = pair
     ids = random_ids(2, 6, seed=8)
@@ -216,6 +223,7 @@ def test_static_cache_generate_runs_a_compiled_decode_step_with_identical_tokens
         torch.testing.assert_close(step_compiled, step_eager, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_argmax_loop(pair):
     byte, _ = pair
     ids = random_ids(1, 5, seed=8)
@@ -226,6 +234,7 @@ def test_greedy_generate_equals_argmax_loop(pair):
     assert torch.equal(byte.generate(ids, **dict(GEN, max_new_tokens=6)), sequence)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_left_padded_generate_matches_rows_alone(pair, cache_implementation):
     byte, llama = pair
@@ -437,6 +446,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     assert not any(layer.gradient_checkpointing for layer in byte.model.layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, {"num_experts": 4, "num_experts_per_tok": 2}], ids=["dense", "moe"])
 def test_transformers_trainer_trains_with_gradient_checkpointing_and_reloads(tmp_path, overrides, monkeypatch):
     # transformers.Trainer switches checkpointing on through its own entry point (activation_checkpointing_enable
@@ -475,6 +485,7 @@ def test_transformers_trainer_trains_with_gradient_checkpointing_and_reloads(tmp
 DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
 
 
+@pytest.mark.slow
 def test_dynamic_rope_is_plain_within_max_positions_and_causal_beyond():
     byte, llama = make_pair(rope_parameters=DYNAMIC)
     default, _ = make_pair()  # same seed, same weights, plain RoPE
@@ -502,6 +513,7 @@ def test_one_layer_dynamic_rope_matches_llama_on_each_prefix():
                                    atol=ATOL, rtol=0, msg=f"position {position}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_dynamic_rope_generate_is_exact_across_max_positions(cache_implementation):
     """Every generated token's logits equal a full forward pass over the sequence so far, also past
@@ -526,6 +538,7 @@ def test_dynamic_rope_generate_is_exact_across_max_positions(cache_implementatio
     assert any(drift > 1e-3 for length, drift in llama_drift if length > 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_dynamic_rope_left_padded_generate_past_max_positions_matches_rows_alone(cache_implementation):
     byte, _ = make_pair(rope_parameters=DYNAMIC)
@@ -541,6 +554,7 @@ def test_dynamic_rope_left_padded_generate_past_max_positions_matches_rows_alone
             torch.testing.assert_close(step_alone[0], step_batch[row], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_dynamic_rope_left_padded_cache_decoding_past_max_positions_matches_full_forward():
     byte, _ = make_pair(rope_parameters=DYNAMIC)
     ids, mask = left_pad(random_ids(2, 80, seed=31), [70, 80])

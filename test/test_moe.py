@@ -349,6 +349,7 @@ def test_update_expert_bias_moves_by_rate_towards_the_mean():
     torch.testing.assert_close(layers[1].gate.expert_bias, torch.tensor([0.1, 0.1, 0.1, -0.1]), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
 def test_expert_bias_balances_a_skewed_router(scoring_func):
     experts, tokens = 8, 64
@@ -431,6 +432,7 @@ def test_kv_cache_decoding_matches_full_forward(moe_model):
     assert_max_diff(torch.cat(steps, dim=1), full.logits)
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_argmax_loop(moe_model):
     ids = random_ids(2, 5, seed=17)
     sequence = ids
@@ -555,6 +557,7 @@ def test_init_zero_bias_and_depth_scaled_down_proj():
     assert torch.equal(router.expert_bias, torch.zeros(8))
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip_keeps_expert_bias(tmp_path):
     byte = make_model(seed=3)
     ids = random_ids(2, 8, seed=21)
@@ -613,6 +616,7 @@ def test_grouped_linear_uses_the_autocast_dtype_when_enough_rows_go_through():
         assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_gradient_checkpointing_gives_same_loss_and_gradients(capacity_factor):
     byte = make_model(seed=5, moe_capacity_factor=capacity_factor).train()

@@ -117,6 +117,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_report(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in CORPUS])
     conversations = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": [
@@ -142,6 +143,7 @@ def existing_tokenizer(tmp_path):
     return out_dir, folder_digest(out_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty", "vocab", "malformed", "no_text", "unknown_key", "bad_type"])
 def test_bad_input_exits_2_without_touching_output(tmp_path, existing_tokenizer, case):
     out_dir, before = existing_tokenizer
