@@ -81,9 +81,6 @@ def test_main_first_reraises_expected_errors_with_their_type():
         main_first(fail, SINGLE)
 
 
-@pytest.mark.xfail(strict=True, reason="main_first rebuilds an expected error as error_type(message): ValueError "
-                                       "subclasses whose constructor takes more than a message (json.JSONDecodeError, "
-                                       "UnicodeDecodeError) turn into a TypeError about arguments")
 def test_main_first_reraises_a_json_error_as_it_is():
     with pytest.raises(json.JSONDecodeError, match="Expecting property name"):
         main_first(lambda: json.loads("{"), SINGLE)

@@ -80,16 +80,25 @@ def test_unknown_target_modules_are_an_input_error(base):
     with pytest.raises(InputError) as error:
         add_lora(base, lora_section(target_modules=["nope", "query"]))
     message = str(error.value)
-    assert message.startswith("lora: ") and "\n" not in message
+    assert message.startswith("lora.target_modules: ") and "\n" not in message
     assert "nope" in message and "query" in message
     assert error.value.__cause__ is None
 
 
-@pytest.mark.xfail(strict=True, reason="peft raises only when no target matches: a misspelt name beside a valid one "
-                                       "is silently ignored, so the run trains fewer adapters than configured")
-def test_one_unknown_target_beside_known_ones_is_an_input_error(base):
-    with pytest.raises(InputError, match="vproj"):
-        add_lora(base, lora_section(target_modules=["q_proj", "vproj"]))
+def test_an_unknown_target_beside_known_ones_is_logged(base, caplog, monkeypatch):
+    # peft itself would ignore it silently; a mixture of experts has no dense gate/up/down_proj to adapt, so an
+    # unmatched name is told, not refused, while others match.
+    import logging
+
+    from utils.logger import LOGGER_NAME
+
+    monkeypatch.setattr(logging.getLogger(LOGGER_NAME), "propagate", True)  # for caplog
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        model = add_lora(base, lora_section(target_modules=["q_proj", "vproj"]))
+    assert "lora.target_modules: vproj name no layer of this model; adapting q_proj" in caplog.text
+    assert any("q_proj.lora_A" in name for name, _ in model.named_parameters())
+    with pytest.raises(InputError, match="^lora.target_modules: none of vproj, kproj names a layer of this model$"):
+        add_lora(base, lora_section(target_modules=["vproj", "kproj"]))
 
 
 def test_bad_rank_is_an_input_error(base):
@@ -97,10 +106,7 @@ def test_bad_rank_is_an_input_error(base):
         add_lora(base, lora_section(rank=0))
 
 
-@pytest.mark.xfail(strict=True, reason="add_lora keeps only the first line of peft's message, which for a module "
-                                       "that is not a Linear ends in that module's multi-line repr: 'lora: Target "
-                                       "module ByteMLP(' says neither what is wrong nor what is supported")
 def test_unsupported_target_module_says_why(base):
     with pytest.raises(InputError) as error:
         add_lora(base, lora_section(target_modules=["mlp"]))
-    assert "not supported" in str(error.value)
+    assert str(error.value) == "lora.target_modules: 'mlp' names ByteMLP modules, not linear layers"

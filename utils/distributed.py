@@ -57,21 +57,22 @@ def barrier(context: DistributedContext) -> None:
 
 def main_first(function, context: DistributedContext, expected_errors: tuple = (ValueError,)):
     """Run `function` on rank 0, then on the other ranks (for work that fills a cache the others then read).
-    If it fails on rank 0 with one of `expected_errors`, every rank raises that error instead of waiting for a
-    rank 0 that is gone."""
-    result, message = None, None
+    If it fails on rank 0 with one of `expected_errors`, rank 0 raises that error and every other rank raises the
+    first expected type with its message, instead of waiting for a rank 0 that is gone."""
+    result, failure, message = None, None, None
     if context.is_main:
         try:
             result = function()
         except expected_errors as error:
-            message = (type(error), str(error))
+            failure, message = error, str(error)
     if context.is_distributed:
         shared = [message]
         dist.broadcast_object_list(shared, src=0)
         message = shared[0]
+    if failure is not None:
+        raise failure
     if message is not None:
-        error_type, text = message
-        raise error_type(text)
+        raise expected_errors[0](message)
     return result if context.is_main else function()
 
 

@@ -109,6 +109,7 @@ class Trainer:
                                   param_dtype=self.dtype if self.dtype != torch.float32 else None)
         self.optimizer = build_optimizer(self.wrapped, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)  # fp16 only
         compiled = resolve_compile(config.train.compile, context.device, self.dtype, model)
         self.forward_model = torch.compile(self.wrapped) if compiled else self.wrapped
         shapes = ByteModelConfig.from_llama_family(model.config)
@@ -183,7 +184,6 @@ class Trainer:
         """Train to the end (or an early stop, a signal, too many bad steps); write final/ when the run ended
         normally. Returns a summary: final step, losses, why it stopped. Raises InputError for bad input."""
         config, state, log = self.config, self.state, self.log
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         batches = iter(self.batches)
         losses, last_eval, reason, bad_in_row = [], None, "finished", 0
         self.start = self.window_start = time.perf_counter()
