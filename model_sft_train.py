@@ -17,7 +17,7 @@ from utils.config import TrainingConfig
 from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
 from utils.logger import get_logger
 from utils.metrics import generation_metrics
-from utils.trainer import Task, run_training
+from utils.task import Task, run_training
 
 
 def sft_datasets(tokenizer, config: TrainingConfig, log):

@@ -9,6 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 from training import fit, make_config, read_metrics, step_folders, stop_before_call, tree_digest
+from utils.checkpoint import resume_mismatch
+from utils.config import TrainingConfig, config_to_dict
 from utils.errors import InputError
 
 pytestmark = pytest.mark.slow  # every test here runs a whole training
@@ -119,3 +121,13 @@ def test_pruning_never_deletes_the_checkpoint_just_written(stopped_copy, cache_d
     assert (stopped_copy / "checkpoints" / latest).is_dir(), step_folders(stopped_copy)
     # keep_last applies to this line of checkpoints; the abandoned branch's later folder is not deleted
     assert step_folders(stopped_copy) == ["step_6", "step_8"]
+
+
+def test_a_key_added_since_the_checkpoint_counts_as_its_default():
+    defaults = config_to_dict(TrainingConfig())
+    current = config_to_dict(TrainingConfig())
+    saved = config_to_dict(TrainingConfig())
+    del saved["model"]["attention_bias"]  # a checkpoint written before the model section had this key
+    assert resume_mismatch(saved, current, defaults) is None
+    current["model"]["attention_bias"] = True
+    assert resume_mismatch(saved, current, defaults) == "model.attention_bias was False, this run has True"

@@ -86,16 +86,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_mismatch(saved: dict, current: dict) -> str | None:
-    """Why a checkpoint saved with config `saved` cannot continue a run with config `current` exactly, or None."""
+def resume_mismatch(saved: dict, current: dict, defaults: dict) -> str | None:
+    """Why a checkpoint saved with config `saved` cannot continue a run with config `current` exactly, or None.
+    A key the saved config lacks (written before the key existed) had its default (`defaults`, same layout)."""
     if current["data"]["streaming"] and saved["data"].get("num_workers") != current["data"]["num_workers"]:
         # The stream is dealt to one shard per process and worker; the saved positions are per shard.
         return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
                 f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
     for section, keys in RESUME_KEYS.items():
         for key in keys or current[section]:
-            if saved.get(section, {}).get(key) != current[section][key]:
-                return f"{section}.{key} was {saved.get(section, {}).get(key)!r}, this run has {current[section][key]!r}"
+            before = saved.get(section, {}).get(key, defaults[section][key])
+            if before != current[section][key]:
+                return f"{section}.{key} was {before!r}, this run has {current[section][key]!r}"
     return None
 
 

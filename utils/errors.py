@@ -1,5 +1,6 @@
 """Bad input from a user, told in one line: every script wraps its `main` in `exit_on_input_error`."""
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -31,3 +32,17 @@ def exit_on_input_error(main: Callable[[], Any]) -> Callable[[], Any]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error():
+    """Running out of accelerator or host memory is a setting to change, said in one line with the settings that
+    help."""
+    import torch  # here: the other errors must stay importable without torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise InputError("out of memory: lower train.micro_batch_size (raise train.grad_accum_steps to keep the "
+                         "batch), lower data.seq_len, set train.gradient_checkpointing=true, or use "
+                         "train.precision=bf16 or train.strategy=fsdp") from None

@@ -46,8 +46,9 @@ def fsync_tree(folder: Path) -> None:
 
 
 def publish_folder(temporary: Path, final: Path) -> None:
-    """Make a finished temporary folder `final`: fsync it, then rename; an existing `final` is replaced only
-    after the new one is in place, so some complete version exists at every moment."""
+    """Make a finished temporary folder `final`: fsync it, then rename. A folder cannot be swapped in one step: an
+    existing `final` is renamed to `.<name>.old` first and deleted only once the new one is in place, so a complete
+    version exists at every moment, under one of the two names."""
     fsync_tree(temporary)
     if final.exists():
         old = final.with_name(f".{final.name}.old")

@@ -1,5 +1,6 @@
 """What a training stage supplies to the engine: its datasets, collator and loss. Everything else (distribution,
-precision, checkpoints, evaluation, logging) is the same for every stage."""
+precision, checkpoints, evaluation, logging) is the same for every stage; `run_training(task, ...)` is a training
+script's whole main."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +11,11 @@ import torch
 from torch import nn
 
 from model import count_targets
-from utils.config import TrainingConfig
+from utils.config import TrainingConfig, parse_config
+from utils.errors import exit_on_input_error
+
+# How a run stopped by too many non-finite steps in a row says so (the script then exits with 1).
+STOPPED_BY_BAD_STEPS = "non-finite steps in a row"
 
 
 def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items_in_batch: float | None):
@@ -34,3 +39,23 @@ class Task:
     targets: Callable[[dict], int] = label_targets
     chat_sample: bool = False  # render the closing sample prompt as a user turn of the chat template
     evaluate_final: Callable[[Path, TrainingConfig], dict] | None = None
+
+
+def run_training(task: Task, default_config: str, description: str, argv: list[str] | None = None) -> dict:
+    """A training script's main: parse the config and `--resume`, train, exit 1 when bad steps stopped the run
+    (input errors exit 2, with one line)."""
+    from utils.trainer import Trainer  # here: the trainer imports this module
+
+    def add_arguments(parser) -> None:
+        parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                            help="continue from the latest checkpoint in train.out_dir (auto) or from a step folder")
+
+    @exit_on_input_error
+    def main() -> dict:
+        config, arguments = parse_config(TrainingConfig, default_config, description, argv, add_arguments)
+        summary = Trainer(config, task, arguments.resume).fit()
+        if summary["reason"].endswith(STOPPED_BY_BAD_STEPS):
+            raise SystemExit(1)
+        return summary
+
+    return main()

@@ -6,7 +6,6 @@ data, model, optimizer and schedule, the resumed state. `fit()` runs the loop, o
 then writes the final model.
 """
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -20,12 +19,12 @@ from transformers import AutoTokenizer, GenerationConfig
 from model import ByteModel, ByteModelConfig, enable_activation_checkpointing
 from utils.batches import TrainBatches, evaluation_batches
 from utils.checkpoint import CheckpointManager, load_starting_model, resume_mismatch, set_rng_state
-from utils.config import (TrainingConfig, check_training_config, config_to_dict, model_config_from, parse_config,
-                          resolve_tokenizer, save_config)
+from utils.config import (TrainingConfig, check_training_config, config_to_dict, model_config_from, resolve_tokenizer,
+                          save_config)
 from utils.counting import flops_per_token, measure_peak_flops
 from utils.distributed import (all_reduce_sum, any_rank, barrier, gradient_sync, init_distributed, main_first, teardown,
                                wrap_model)
-from utils.errors import InputError, exit_on_input_error
+from utils.errors import InputError, out_of_memory_as_input_error
 from utils.graceful_stop import GracefulStop
 from utils.logger import quiet_transformers, setup_logger
 from utils.lora import add_lora
@@ -36,10 +35,7 @@ from utils.precision import autocast, resolve_compile, resolve_precision
 from utils.progressbar import ProgressBar
 from utils.router_monitor import RouterMonitor
 from utils.samples import generate_sample
-from utils.task import Task
-
-STOPPED_BY_BAD_STEPS = "non-finite steps in a row"
-
+from utils.task import STOPPED_BY_BAD_STEPS, Task
 
 @dataclass
 class TrainState:
@@ -56,16 +52,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-@contextlib.contextmanager
-def out_of_memory_as_input_error():
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise InputError("out of memory: lower train.micro_batch_size (raise train.grad_accum_steps to keep the "
-                         "batch), lower data.seq_len, set train.gradient_checkpointing=true, or use "
-                         "train.precision=bf16 or train.strategy=fsdp") from None
 
 
 class Trainer:
@@ -119,7 +105,8 @@ class Trainer:
         self.state, saved_rng = TrainState(), None
         if resume is not None:
             loaded = self.checkpoints.load(resume, self.wrapped, self.optimizer,
-                                           lambda saved: resume_mismatch(saved, config_to_dict(config)))
+                                           lambda saved: resume_mismatch(saved, config_to_dict(config),
+                                                                         config_to_dict(TrainingConfig())))
             if loaded is not None:
                 _, state, saved_rng = loaded
                 self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -301,22 +288,3 @@ class Trainer:
             if row:
                 self.metrics.write({"step": self.state.step, **row})
         barrier(self.context)
-
-
-def run_training(task: Task, default_config: str, description: str, argv: list[str] | None = None) -> dict:
-    """A training script's main: parse the config and `--resume`, train, exit 1 when bad steps stopped the run
-    (input errors exit 2, with one line)."""
-
-    def add_arguments(parser) -> None:
-        parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                            help="continue from the latest checkpoint in train.out_dir (auto) or from a step folder")
-
-    @exit_on_input_error
-    def main() -> dict:
-        config, arguments = parse_config(TrainingConfig, default_config, description, argv, add_arguments)
-        summary = Trainer(config, task, arguments.resume).fit()
-        if summary["reason"].endswith(STOPPED_BY_BAD_STEPS):
-            raise SystemExit(1)
-        return summary
-
-    return main()
