@@ -21,7 +21,6 @@ from model.norm import ByteRMSNorm
 from model.rope import ByteDynamicRoPE, DynamicRoPEInputs
 
 
-
 def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
                          kv_length: int) -> torch.Tensor | None:
     """Combine causality and a 2D padding mask (1 = token, 0 = padding) into the (batch, 1, q, kv) bool mask SDPA

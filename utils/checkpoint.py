@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from utils.errors import InputError, error_summary
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
+from utils.errors import InputError, error_summary
 from utils.files import publish_folder, write_atomically
 from utils.logger import get_logger
 from utils.lora import is_peft_model
