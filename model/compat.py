@@ -21,3 +21,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     (deprecated since, and gone in 6). Can go once a transformers with the new name is required."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+
+# The seed project's config names, kept as aliases of the canonical fields (ByteModelConfig.attribute_map, which the
+# YAML model section shares, with the seed's switch `moe_enabled`). Can go once no config written with them is used.
+SEED_NAMES = {
+    "model_dim": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_dim": "intermediate_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "moe_num_experts": "num_experts",
+    "moe_k": "num_experts_per_tok",
+}

@@ -4,6 +4,8 @@ from typing import Literal
 
 from transformers import PretrainedConfig
 
+from model.compat import SEED_NAMES
+
 ROPE_TYPES = ("default", "dynamic")
 LLAMA_FAMILY = ("stellarbyte", "llama", "mixtral")  # model types whose weights and shapes ByteModel shares
 # Fields that Llama and Mixtral configs take under the same names and meaning.
@@ -18,22 +20,13 @@ class ByteModelConfig(PretrainedConfig):
     Field names are Hugging Face's, so a dense config reads like a `LlamaConfig`. RoPE follows transformers 5:
     `rope_parameters = {"rope_type": "default" | "dynamic", "rope_theta": ..., "factor": ...}`; the legacy
     `rope_theta=` and `rope_scaling=` keyword arguments are still accepted and folded into it.
-    The seed project's names (`model_dim`, `num_layers`, ...) work as aliases through `attribute_map`.
+    The seed project's names (`model_dim`, `num_layers`, ...) work as aliases through `attribute_map`
+    (model/compat.py).
     """
 
     model_type = "stellarbyte"
     keys_to_ignore_at_inference = ["past_key_values"]
-    attribute_map = {
-        "model_dim": "hidden_size",
-        "num_layers": "num_hidden_layers",
-        "hidden_dim": "intermediate_size",
-        "num_heads": "num_attention_heads",
-        "num_kv_heads": "num_key_value_heads",
-        "max_seq_len": "max_position_embeddings",
-        "norm_eps": "rms_norm_eps",
-        "moe_num_experts": "num_experts",
-        "moe_k": "num_experts_per_tok",
-    }
+    attribute_map = SEED_NAMES
 
     vocab_size: int = 6400
     hidden_size: int = 512
