@@ -42,5 +42,5 @@ def test_seed_names_are_the_configs_aliases():
     from model.compat import SEED_NAMES
 
     assert ByteModelConfig.attribute_map is SEED_NAMES
-    config = ByteModelConfig(**{alias: 4 if alias != "norm_eps" else 1e-5 for alias in ("num_heads", "num_kv_heads")})
-    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 4) and config.model_dim == config.hidden_size
+    config = ByteModelConfig(num_heads=4, num_kv_heads=2)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2) and config.model_dim == config.hidden_size
