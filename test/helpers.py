@@ -1,4 +1,8 @@
-"""Shared helpers for the model tests: tiny configs, the equivalent transformers LlamaConfig, weight utilities."""
+"""Shared helpers: tiny model configs, the equivalent transformers LlamaConfig, weight utilities; repository paths,
+the demo tokenizer's special ids and data-file helpers for the data tests."""
+
+import json
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
@@ -72,3 +76,40 @@ def causal_bool_mask(query_length: int, past_length: int = 0, batch: int = 1) ->
 
 def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "datasets" / "demo"
+PAD, BOS, EOS = 0, 1, 2
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """Write records (dumped as JSON) or raw strings, one per line."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n"
+                            for line in lines), encoding="utf-8")
+    return path
+
+
+def expected_stream(tokenizer, texts: list[str], eos: int = EOS) -> list[int]:
+    """The packed token stream written by hand: each document's ids without specials, then EOS."""
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False).input_ids + [eos]
+    return stream
+
+
+def unpack(dataset) -> list[int]:
+    """Rebuild the token stream from the windows: the first input token, then every window's targets."""
+    stream = [int(dataset[0]["input_ids"][0])]
+    for index in range(len(dataset)):
+        stream += dataset[index]["shift_labels"].tolist()
+    return stream
+
+
+TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"},
+             {"role": "assistant", "content": "2 + 3 = 5.\nAnything else?"}]
+MULTI_TURNS = [{"role": "system", "content": "You are a helpful assistant."},
+               {"role": "user", "content": "你好，请介绍一下你自己。"},
+               {"role": "assistant", "content": "我是一个小模型，可以回答简单的问题。"},
+               {"role": "user", "content": "Write a Python function that adds two numbers."},
+               {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]

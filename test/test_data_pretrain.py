@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import utils.data as data_module
-from conftest import BOS, DEMO, EOS, PAD, expected_stream, unpack, write_lines
+from helpers import BOS, DEMO, EOS, PAD, expected_stream, unpack, write_lines
 from utils.data import PretrainDataset, build_token_cache
 from utils.errors import InputError
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import MULTI_TURNS, TWO_TURNS, expected_stream, unpack, write_lines
+from helpers import MULTI_TURNS, TWO_TURNS, expected_stream, unpack, write_lines
 from utils.data import DataIssues, PretrainDataset, SFTDataset, document_texts, encode_conversation, read_jsonl
 from utils.errors import InputError
 

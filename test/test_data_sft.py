@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import BOS, DEMO, EOS, MULTI_TURNS, PAD, TWO_TURNS, write_lines
-from helpers import ATOL, tiny_config
+from helpers import ATOL, BOS, DEMO, EOS, MULTI_TURNS, PAD, TWO_TURNS, tiny_config, write_lines
 from model import ByteModel
 from utils.data import PadCollator, SFTDataset, encode_conversation
 from utils.errors import InputError

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import utils.data as data_module
-from conftest import expected_stream, write_lines
+from helpers import expected_stream, write_lines
 from utils.data import StreamingPretrainDataset
 from utils.errors import InputError
 

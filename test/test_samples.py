@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import BOS, EOS, PAD
-from helpers import tiny_config
+from helpers import BOS, EOS, PAD, tiny_config
 from model import ByteModel
 from utils.samples import generate_sample
 
