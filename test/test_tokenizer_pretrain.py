@@ -37,11 +37,6 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tokenizer_pretrain.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_loads_with_special_tokens(trained):
     tokenizer, out_dir = trained
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == ("<|SPAD|>", "<|SBOS|>", "<|SEOS|>")
@@ -117,73 +112,97 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_cli_trains_and_writes_report(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in CORPUS])
-    conversations = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": [
+BAD_INPUT = {
+    "missing": "data file not found",
+    "empty": "no text found",
+    "vocab": "smaller than the byte alphabet plus special tokens",
+    "malformed": "bad.jsonl:3: malformed JSON",
+    "no_text": "no text found",
+    "unknown_key": "unknown key 'tokenizer.vocab'",
+    "bad_type": "tokenizer.vocab_size must be int",
+}
+
+
+def bad_input_arguments(folder: Path, case: str) -> list[str]:
+    """Arguments that make the script fail with BAD_INPUT[case], writing into folder/tok (which already exists)."""
+    good = write_jsonl(folder / "good.jsonl", [{"text": text} for text in CORPUS[:8]])
+    args = {"train": str(good), "vocab": "300"}
+    extra = []
+    if case == "missing":
+        args["train"] = str(folder / "absent.jsonl")
+    elif case == "empty":
+        (folder / "empty.jsonl").write_text("")
+        args["train"] = str(folder / "empty.jsonl")
+    elif case == "vocab":
+        args["vocab"] = "200"
+    elif case == "malformed":
+        bad = folder / "bad.jsonl"
+        bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": "broken\n')
+        args["train"] = str(bad)
+    elif case == "no_text":
+        args["train"] = str(write_jsonl(folder / "other.jsonl", [{"title": "no text field"}]))
+    elif case == "unknown_key":
+        extra = ["--tokenizer.vocab", "300"]
+    elif case == "bad_type":
+        args["vocab"] = "lots"
+    return ["--data.train_files", args["train"], "--data.val_files", "[]", "--tokenizer.vocab_size", args["vocab"],
+            "--tokenizer.out_dir", str(folder / "tok"), "--eval.report", str(folder / "report.json"), *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, tuple[int, str, Path, dict]]:
+    """Every command-line case at once (each process mostly pays its imports; in parallel they share the cores):
+    name -> (exit code, stderr, its folder, digest of its existing tokenizer folder before the run)."""
+    root = tmp_path_factory.mktemp("cli")
+    existing = train_tokenizer(CORPUS, TokenizerSection(vocab_size=300))
+    cases = {}
+    train = write_jsonl(root / "train.jsonl", [{"text": text} for text in CORPUS])
+    conversations = write_jsonl(root / "sft.jsonl", [{"conversations": [
         {"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello!"}]}] * 10)
-    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "今天我们学习。"}, {"text": "Hello tokenizer."}])
-    result = run_script("--data.train_files", f"[{train}, {conversations}]", "--data.val_files", str(val),
-                        "--tokenizer.vocab_size", "350", "--tokenizer.out_dir", str(tmp_path / "tok"),
-                        "--eval.report", str(tmp_path / "report.json"))
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "report.json").read_text())
+    val = write_jsonl(root / "val.jsonl", [{"text": "今天我们学习。"}, {"text": "Hello tokenizer."}])
+    (root / "trains").mkdir()
+    cases["trains"] = ["--data.train_files", f"[{train}, {conversations}]", "--data.val_files", str(val),
+                       "--tokenizer.vocab_size", "350", "--tokenizer.out_dir", str(root / "trains" / "tok"),
+                       "--eval.report", str(root / "trains" / "report.json")]
+    for case in BAD_INPUT:
+        folder = root / case
+        save_atomically(existing, folder / "tok")
+        cases[case] = bad_input_arguments(folder, case)
+    started = {}
+    for name, arguments in cases.items():
+        before = folder_digest(root / name / "tok") if name in BAD_INPUT else {}
+        process = subprocess.Popen([sys.executable, str(ROOT / "tokenizer_pretrain.py"), *arguments], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started[name] = (process, before)
+    results = {}
+    for name, (process, before) in started.items():
+        _, stderr = process.communicate(timeout=300)
+        results[name] = (process.returncode, stderr, root / name, before)
+    return results
+
+
+@pytest.mark.slow
+def test_cli_trains_and_writes_report(cli_runs):
+    code, stderr, folder, _ = cli_runs["trains"]
+    assert code == 0, stderr
+    report = json.loads((folder / "report.json").read_text())
     assert report["vocab_size"] == 350
     assert all(row["exact"] for row in report["round_trip"].values())
     assert report["held_out"]["chinese"]["documents"] == 1
     assert report["held_out"]["english_and_code"]["documents"] == 1
     assert 0 < report["vocabulary_use"]["fraction_used_on_train"] <= 1
-    assert AutoTokenizer.from_pretrained(tmp_path / "tok").eos_token == "<|SEOS|>"
-
-
-@pytest.fixture
-def existing_tokenizer(tmp_path):
-    out_dir = tmp_path / "tok"
-    save_atomically(train_tokenizer(CORPUS, TokenizerSection(vocab_size=300)), out_dir)
-    return out_dir, folder_digest(out_dir)
+    assert AutoTokenizer.from_pretrained(folder / "tok").eos_token == "<|SEOS|>"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing", "empty", "vocab", "malformed", "no_text", "unknown_key", "bad_type"])
-def test_bad_input_exits_2_without_touching_output(tmp_path, existing_tokenizer, case):
-    out_dir, before = existing_tokenizer
-    good = write_jsonl(tmp_path / "good.jsonl", [{"text": text} for text in CORPUS[:8]])
-    args = {"train": str(good), "vocab": "300"}
-    expected = {
-        "missing": "data file not found",
-        "empty": "no text found",
-        "vocab": "smaller than the byte alphabet plus special tokens",
-        "malformed": "bad.jsonl:3: malformed JSON",
-        "no_text": "no text found",
-        "unknown_key": "unknown key 'tokenizer.vocab'",
-        "bad_type": "tokenizer.vocab_size must be int",
-    }[case]
-    extra = []
-    if case == "missing":
-        args["train"] = str(tmp_path / "absent.jsonl")
-    elif case == "empty":
-        (tmp_path / "empty.jsonl").write_text("")
-        args["train"] = str(tmp_path / "empty.jsonl")
-    elif case == "vocab":
-        args["vocab"] = "200"
-    elif case == "malformed":
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": "broken\n')
-        args["train"] = str(bad)
-    elif case == "no_text":
-        args["train"] = str(write_jsonl(tmp_path / "other.jsonl", [{"title": "no text field"}]))
-    elif case == "unknown_key":
-        extra = ["--tokenizer.vocab", "300"]
-    elif case == "bad_type":
-        args["vocab"] = "lots"
-    result = run_script("--data.train_files", args["train"], "--data.val_files", "[]", "--tokenizer.vocab_size",
-                        args["vocab"], "--tokenizer.out_dir", str(out_dir),
-                        "--eval.report", str(tmp_path / "report.json"), *extra)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr, result.stderr
-    assert folder_digest(out_dir) == before
-    assert not (tmp_path / "report.json").exists()
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_without_touching_output(cli_runs, case):
+    code, stderr, folder, before = cli_runs[case]
+    assert code == 2
+    assert "Traceback" not in stderr
+    assert stderr.strip().count("\n") == 0 and BAD_INPUT[case] in stderr, stderr
+    assert folder_digest(folder / "tok") == before
+    assert not (folder / "report.json").exists()
 
 
 def test_shipped_tokenizer_loads():
