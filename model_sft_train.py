@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from utils.config import TrainingConfig
 from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
+from utils.files import write_atomically
 from utils.logger import get_logger
 from utils.metrics import generation_metrics
 from utils.task import Task, run_training
@@ -66,7 +67,7 @@ def generation_row(final: Path, config: TrainingConfig) -> dict:
     if samples <= 0 or not config.data.val_files:
         return {}
     report = evaluate_generation(final, config.data.val_files, samples, config.eval.generation_tokens)
-    (final.parent / "generation_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomically(final.parent / "generation_eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     meteor = f"{report['meteor']:.4f}" if report["meteor"] is not None else f"unavailable ({report['meteor_note']})"
     get_logger().info(f"generation on {report['num_samples']} validation conversations: BLEU {report['bleu']:.4f}, "
                       f"ROUGE-1/2/L {report['rouge1']:.4f}/{report['rouge2']:.4f}/{report['rougeL']:.4f}, "

@@ -20,8 +20,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.cjk import CJK_UNIFIED_IDEOGRAPHS
 from utils.config import parse_config
-from utils.errors import InputError, exit_on_input_error
 from utils.data import ROLES, check_data_file, document_texts, read_jsonl
+from utils.errors import InputError, exit_on_input_error
 from utils.files import publish_folder, write_atomically
 
 # Every turn is `<|role|>{content}{eos}\n`; the generation prompt opens an assistant turn. The content follows the
