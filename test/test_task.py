@@ -37,9 +37,9 @@ def test_label_targets_matches_the_models_loss_normalisation(key):
 
 def test_the_default_task_is_a_causal_language_model_loss():
     task = Task(datasets=lambda tokenizer, config, log: (None, None))
-    assert task.loss is language_model_loss and task.targets is label_targets and task.collator(None) is None
+    assert task.objective(None) is language_model_loss and task.targets is label_targets and task.collator(None) is None
     torch.manual_seed(0)
     model = ByteModel(tiny_config()).train()
     batch = {"input_ids": torch.randint(0, 128, (2, 9)), "labels": torch.randint(0, 128, (2, 9))}
-    summed = task.loss(model, batch, task.targets(batch)).loss
+    summed = task.objective(None)(model, batch, task.targets(batch)).loss
     torch.testing.assert_close(summed, model(**batch).loss)

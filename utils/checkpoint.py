@@ -30,7 +30,8 @@ from utils.lora import is_peft_model
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
 RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
-               "train": ("micro_batch_size", "grad_accum_steps", "seed")}
+               "train": ("micro_batch_size", "grad_accum_steps", "seed"),
+               "rlhf": ("method", "beta", "label_smoothing", "sft_weight", "reference_from")}
 
 
 def load_model_folder(path: Path, model_class=None) -> nn.Module:
@@ -94,6 +95,8 @@ def resume_mismatch(saved: dict, current: dict, defaults: dict) -> str | None:
         return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
                 f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
     for section, keys in RESUME_KEYS.items():
+        if section not in current:  # a section only some stages have
+            continue
         for key in keys or current[section]:
             before = saved.get(section, {}).get(key, defaults[section][key])
             if before != current[section][key]:

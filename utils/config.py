@@ -315,6 +315,23 @@ class TrainingConfig:
     lora: LoraSection = field(default_factory=LoraSection)
 
 
+@dataclass
+class RlhfSection:
+    """The preference stage's objective. Offline methods learn from fixed preference pairs; online ones (sampling
+    replies during training, e.g. GRPO) would add their own keys here."""
+    method: Literal["dpo", "ipo"] = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference model
+    label_smoothing: float = 0.0  # dpo only: assumed share of flipped labels (conservative DPO)
+    sft_weight: float = 0.0  # weight of the chosen reply's NLL added to the loss (RPO)
+    reference_from: str | None = None  # null: the starting model (model.init_from), or the policy without adapters
+    precompute_reference: bool = False  # reference log-probabilities once before training: one model in memory
+
+
+@dataclass
+class PreferenceConfig(TrainingConfig):
+    rlhf: RlhfSection = field(default_factory=RlhfSection)
+
+
 def check_training_config(config: TrainingConfig) -> None:
     """What the typed config cannot say: ranges and combinations."""
     for key in ("train.micro_batch_size", "train.grad_accum_steps", "checkpoint.every_steps", "eval.every_steps",
@@ -334,6 +351,21 @@ def check_training_config(config: TrainingConfig) -> None:
             raise InputError("lora.target_modules is empty")
         if config.train.strategy == "fsdp":
             raise InputError("LoRA runs with train.strategy=ddp (the adapters are small: sharding them gains nothing)")
+    if isinstance(config, PreferenceConfig):
+        rlhf = config.rlhf
+        if config.model.init_from is None:
+            raise InputError("the preference stage starts from a trained model: set model.init_from (e.g. out/sft/final)")
+        if rlhf.beta <= 0:
+            raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")
+        if not 0 <= rlhf.label_smoothing < 0.5:
+            raise InputError(f"rlhf.label_smoothing must be in [0, 0.5), got {rlhf.label_smoothing}")
+        if rlhf.label_smoothing and rlhf.method != "dpo":
+            raise InputError(f"rlhf.label_smoothing applies to method dpo only, not {rlhf.method}")
+        if rlhf.sft_weight < 0:
+            raise InputError(f"rlhf.sft_weight must be >= 0, got {rlhf.sft_weight}")
+        for key, folder in (("model.init_from", config.model.init_from), ("rlhf.reference_from", rlhf.reference_from)):
+            if folder is not None and not Path(folder).is_dir():
+                raise InputError(f"{key}: folder not found: {folder}")
 
 
 def resolve_tokenizer(config: TrainingConfig) -> str:

@@ -1,5 +1,6 @@
-"""Data for pretraining and SFT: packed token windows (cached or streamed), chat-formatted conversations, and a
-sampler whose order depends only on (seed, epoch) and that resumes on exactly the next batch."""
+"""Data for every stage: packed token windows (cached or streamed) for pretraining, chat-formatted conversations for
+SFT, preference pairs for the preference stage, and a sampler whose order depends only on (seed, epoch) and that
+resumes on exactly the next batch."""
 
 import hashlib
 import json
@@ -348,22 +349,32 @@ def _advance(segments: list[list[int]], count: int) -> None:
             count = 0
 
 
+def render_chat(tokenizer, turns: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=add_generation_prompt)["input_ids"]
+
+
+def reply_span(tokenizer, turns: list[dict], index: int, full: list[int]) -> tuple[int, int, int]:
+    """Where the assistant turn `turns[index]` sits in `full` (the whole rendered conversation): (start, stop, end).
+    Trained tokens are start:stop, the reply up to and including its end token; the template's separator after it
+    (stop:end) stays unlabelled."""
+    start = len(render_chat(tokenizer, turns[:index], add_generation_prompt=True))
+    end = len(render_chat(tokenizer, turns[:index + 1]))
+    reply = full[start:end]
+    eos_positions = [i for i, token in enumerate(reply) if token == tokenizer.eos_token_id]
+    return start, start + (eos_positions[-1] + 1 if eos_positions else len(reply)), end
+
+
 def encode_conversation(tokenizer, turns: list[dict], max_seq_len: int) -> tuple[list[int], list[int]] | None:
     """Render `turns` with the tokenizer's chat template; labels are -100 except on assistant replies and their end
     token. Too long: whole trailing turns are dropped first; if even the first reply does not fit, it is cut.
     Returns None when no labelled token is left."""
-    full = tokenizer.apply_chat_template(turns, tokenize=True)["input_ids"]
+    full = render_chat(tokenizer, turns)
     labels = [-100] * len(full)
     ends = []  # where each assistant turn ends, for truncation at turn boundaries
     for index, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(turns[:index], tokenize=True, add_generation_prompt=True)["input_ids"])
-        end = len(tokenizer.apply_chat_template(turns[:index + 1], tokenize=True)["input_ids"])
-        reply = full[start:end]
-        # Train up to and including the end token; the template's separator after it stays unlabelled.
-        eos_positions = [i for i, token in enumerate(reply) if token == tokenizer.eos_token_id]
-        stop = start + (eos_positions[-1] + 1 if eos_positions else len(reply))
+        start, stop, end = reply_span(tokenizer, turns, index, full)
         labels[start:stop] = full[start:stop]
         ends.append(end)
     if len(full) > max_seq_len:
@@ -382,19 +393,30 @@ def conversation_turns(record: Any) -> tuple[list[dict] | None, str, str]:
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list) or not turns:
         return None, "missing_field", "no 'conversations' or 'messages' list"
-    for turn in turns:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            return None, "missing_field", "a turn lacks 'role' or 'content'"
-        if turn["role"] not in ROLES:
-            return None, "bad_role", f"role {turn['role']!r} is not one of {', '.join(ROLES)}"
-        if not isinstance(turn["content"], str) or not turn["content"].strip():
-            return None, "empty_text", f"empty {turn['role']} turn"
+    problem = turn_problem(turns)
+    if problem:
+        return None, *problem
     if not any(turn["role"] == "assistant" for turn in turns):
         return None, "no_assistant", "no assistant turn to learn from"
-    first = next(turn["role"] for turn in turns if turn["role"] != "system")
-    if first != "user":
+    if not opens_with_user(turns):
         return None, "bad_order", "the conversation must open with a user turn (after an optional system turn)"
     return [{"role": turn["role"], "content": turn["content"]} for turn in turns], "", ""
+
+
+def turn_problem(turns: list) -> tuple[str, str] | None:
+    """(reason, detail) for the first malformed turn: not a {role, content} object, an unknown role, no text."""
+    for turn in turns:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            return "missing_field", "a turn lacks 'role' or 'content'"
+        if turn["role"] not in ROLES:
+            return "bad_role", f"role {turn['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            return "empty_text", f"empty {turn['role']} turn"
+    return None
+
+
+def opens_with_user(turns: list[dict]) -> bool:
+    return next((turn["role"] for turn in turns if turn["role"] != "system"), None) == "user"
 
 
 class SFTDataset(Dataset):
@@ -449,3 +471,138 @@ class PadCollator:
             labels[row, :length] = sample["labels"]
             attention_mask[row, :length] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def preference_turns(record: Any) -> tuple[tuple[list[dict], dict, dict] | None, str, str]:
+    """Validate a preference record; return ((prompt turns, chosen reply, rejected reply), "", "") or
+    (None, reason, detail). Accepted: TRL's {"prompt", "chosen", "rejected"}, each a string (a user turn, assistant
+    replies) or a list of messages, and {"chosen", "rejected"} as whole conversations that share the prompt (TRL's
+    implicit prompt, minimind's format)."""
+    if not isinstance(record, dict):
+        return None, "missing_field", "record is not an object"
+    sides = []
+    for side in ("chosen", "rejected"):
+        value = record.get(side)
+        if not isinstance(value, (str, list)):
+            return None, "missing_side", f"no '{side}' string or message list"
+        sides.append([{"role": "assistant", "content": value}] if isinstance(value, str) else value)
+    chosen, rejected = sides
+    prompt = record.get("prompt")
+    if prompt is None:
+        if isinstance(record["chosen"], str) or isinstance(record["rejected"], str):
+            return None, "missing_field", "string replies need a 'prompt'"
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+        return None, "missing_field", "'prompt' is neither a string nor a message list"
+    problem = turn_problem(prompt)
+    if problem is None:
+        problem = turn_problem(chosen + rejected)
+        if problem is not None and problem[0] == "empty_text":
+            problem = ("empty_reply", problem[1])
+    if problem:
+        return None, *problem
+    if chosen == rejected:
+        return None, "identical", "chosen and rejected are the same reply"
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            return None, "bad_reply", f"'{side}' must be one assistant reply after the shared prompt"
+    if not opens_with_user(prompt):
+        return None, "bad_order", "the prompt must open with a user turn (after an optional system turn)"
+    clean = [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
+    return (clean, {"role": "assistant", "content": chosen[0]["content"]},
+            {"role": "assistant", "content": rejected[0]["content"]}), "", ""
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int],
+             max_seq_len: int) -> tuple[list[int], list[int], list[int]] | None:
+    """Cut a pair so that prompt + either reply fits `max_seq_len`: the prompt loses its start first (down to half the
+    length, the end of a conversation matters most), then the replies lose their ends. None when nothing usable
+    is left."""
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_seq_len:
+        return prompt, chosen, rejected
+    keep = max(max_seq_len - longest, min(len(prompt), max_seq_len // 2))
+    chosen, rejected = chosen[:max_seq_len - keep], rejected[:max_seq_len - keep]
+    if keep < 1 or not chosen or not rejected or chosen == rejected:
+        return None
+    return prompt[len(prompt) - keep:], chosen, rejected
+
+
+class PreferenceDataset(Dataset):
+    """Preference pairs (see `preference_turns`), rendered with the tokenizer's chat template exactly as SFT renders
+    a conversation: a sample holds the prompt's tokens (ending in the generation prompt) and each reply's tokens up
+    to and including its end token. `reference_logps` ([pairs, 2], set by the preference stage when it computes
+    them once) travels with the samples."""
+
+    def __init__(self, files: list[str], tokenizer, max_seq_len: int, strict: bool = False, log=None):
+        if tokenizer.chat_template is None:
+            raise InputError("the tokenizer has no chat template")
+        self.issues = DataIssues(strict=strict)
+        self.pairs: list[tuple[list[int], list[int], list[int]]] = []
+        truncated = 0
+        for path in files:
+            for line_number, record in read_jsonl(path, self.issues):
+                location = f"{path}:{line_number}"
+                parsed, reason, detail = preference_turns(record)
+                if parsed is None:
+                    self.issues.report(reason, location, detail)
+                    continue
+                prompt_turns, *replies = parsed
+                prompt = render_chat(tokenizer, prompt_turns, add_generation_prompt=True)
+                encoded = []
+                for reply in replies:
+                    turns = prompt_turns + [reply]
+                    full = render_chat(tokenizer, turns)
+                    start, stop, _ = reply_span(tokenizer, turns, len(prompt_turns), full)
+                    encoded.append(full[start:stop])
+                pair = fit_pair(prompt, *encoded, max_seq_len)
+                if pair is None:
+                    self.issues.report("too_long", location, f"no distinct replies fit in max_seq_len={max_seq_len}")
+                    continue
+                truncated += pair != (prompt, *encoded)
+                self.pairs.append(pair)
+        if not self.pairs:
+            raise InputError(f"no usable preference pairs in {', '.join(files)} ({self.issues.summary()})")
+        if log is not None and self.issues.total:
+            log(self.issues.summary())
+        if log is not None and truncated:
+            log(f"{truncated} of {len(self.pairs)} pairs cut to data.seq_len={max_seq_len} (the prompt's start first, "
+                f"then the replies' ends)")
+        self.truncated = truncated
+        self.lengths = [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in self.pairs]
+        self.reference_logps: torch.Tensor | None = None
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.pairs).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        prompt, chosen, rejected = self.pairs[index]
+        sample = {"prompt": torch.tensor(prompt), "chosen": torch.tensor(chosen), "rejected": torch.tensor(rejected)}
+        if self.reference_logps is not None:
+            sample["reference_logps"] = self.reference_logps[index]
+        return sample
+
+
+class PairCollator:
+    """B pairs as one batch of 2B rows, the B prompt + chosen sequences then the B prompt + rejected ones, so both
+    sides go through the model in one forward; right-padded to the longest row, labels on the replies only."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = PadCollator(pad_token_id)
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": torch.cat([sample["prompt"], sample[side]]),
+                 "labels": torch.cat([torch.full_like(sample["prompt"], -100), sample[side]])}
+                for side in ("chosen", "rejected") for sample in samples]
+        batch = self.pad(rows)
+        if "reference_logps" in samples[0]:
+            batch["reference_logps"] = torch.stack([sample["reference_logps"] for sample in samples])
+        return batch

@@ -30,13 +30,20 @@ def label_targets(batch: dict[str, torch.Tensor]) -> int:
 @dataclass(frozen=True)
 class Task:
     """What a training stage supplies. `datasets(tokenizer, config, log)` returns (train, validation or None);
-    `collator(tokenizer)` the collate function (None: default collation); `loss(model, batch, num_items_in_batch)`
-    model outputs with `.loss`; `targets(batch)` the targets the loss is normalised by. `evaluate_final(folder,
-    config)` (optional) measures the final model on rank 0 and returns a metrics row."""
+    `collator(tokenizer)` the collate function (None: default collation); `objective(trainer)` the loss function
+    `loss(model, batch, num_items_in_batch)` -> outputs with `.loss`, called once the trainer's model is built (a
+    stage may build what its loss needs there, such as a reference model); `targets(batch)` the targets the loss is
+    normalised by. A loss may also return `.metrics`, sums over the batch's targets of the names in `metrics`: the
+    engine logs their mean per target (`val_<name>` in evaluations). `evaluate_final(folder, config)` (optional)
+    measures the final model on rank 0 and returns a metrics row."""
     datasets: Callable[..., tuple[Any, Any]]
     collator: Callable[[Any], Callable | None] = lambda tokenizer: None
-    loss: Callable[..., Any] = language_model_loss
+    objective: Callable[[Any], Callable] = lambda trainer: language_model_loss
     targets: Callable[[dict], int] = label_targets
+    metrics: tuple[str, ...] = ()
+    progress_metrics: tuple[str, ...] = ()  # the few of `metrics` shown on the progress line
+    perplexity: bool = True  # the loss is a next-token cross-entropy: report val_ppl
+    config_type: type = TrainingConfig
     chat_sample: bool = False  # render the closing sample prompt as a user turn of the chat template
     evaluate_final: Callable[[Path, TrainingConfig], dict] | None = None
 
@@ -52,7 +59,7 @@ def run_training(task: Task, default_config: str, description: str, argv: list[s
 
     @exit_on_input_error
     def main() -> dict:
-        config, arguments = parse_config(TrainingConfig, default_config, description, argv, add_arguments)
+        config, arguments = parse_config(task.config_type, default_config, description, argv, add_arguments)
         summary = Trainer(config, task, arguments.resume).fit()
         if summary["reason"].endswith(STOPPED_BY_BAD_STEPS):
             raise SystemExit(1)

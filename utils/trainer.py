@@ -79,8 +79,9 @@ class Trainer:
         config.data.tokenizer = resolve_tokenizer(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
         # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
-        train_dataset, self.val_dataset = main_first(lambda: self.task.datasets(self.tokenizer, config, log.info),
-                                                     context, (InputError,))
+        self.train_dataset, self.val_dataset = main_first(
+            lambda: self.task.datasets(self.tokenizer, config, log.info), context, (InputError,))
+        train_dataset = self.train_dataset
         self.collate = self.task.collator(self.tokenizer)
         with out_of_memory_as_input_error():
             self.model = model = self.build_model(self.tokenizer).to(context.device)
@@ -106,12 +107,13 @@ class Trainer:
         if resume is not None:
             loaded = self.checkpoints.load(resume, self.wrapped, self.optimizer,
                                            lambda saved: resume_mismatch(saved, config_to_dict(config),
-                                                                         config_to_dict(TrainingConfig())))
+                                                                         config_to_dict(type(config)())))
             if loaded is not None:
                 _, state, saved_rng = loaded
                 self.scheduler.load_state_dict(state.pop("scheduler"))
                 self.batches.load_state_dict(state.pop("sampler"))
                 self.state.load_state_dict(state)
+        self.loss = self.task.objective(self)
         if context.is_main:
             save_config(config, self.out_dir / "config.yaml")
         self.metrics = MetricsWriter(self.out_dir, context.is_main, config.logging.swanlab_mode, config.logging.project,
@@ -147,14 +149,18 @@ class Trainer:
         targets = all_reduce_sum(torch.tensor([float(sum(map(self.task.targets, micro_batches)))]), context)
         num_items = targets.item() / context.world_size
         step_loss = torch.zeros((), device=context.device)
+        metric_sums = torch.zeros(len(self.task.metrics), device=context.device)
         model.train()
         for index, batch in enumerate(micro_batches):
             with gradient_sync(model, index == len(micro_batches) - 1), autocast(context.device, self.dtype):
-                outputs = self.task.loss(self.forward_model, batch, num_items)
+                outputs = self.loss(self.forward_model, batch, num_items)
             self.router.after_forward(outputs)
             self.scaler.scale(outputs.loss).backward()
             step_loss += outputs.loss.detach()
+            metric_sums += self.task_metrics(outputs)
         step_loss = (all_reduce_sum(step_loss.float(), context) / context.world_size).item()
+        metric_means = (all_reduce_sum(metric_sums, context) / targets.to(context.device)).tolist()
+        self.step_metrics = dict(zip(self.task.metrics, metric_means))
         self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -229,9 +235,10 @@ class Trainer:
         tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         row = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-               "elapsed_s": time.perf_counter() - self.start, **self.router.metrics()}
+               "elapsed_s": time.perf_counter() - self.start, **self.step_metrics, **self.router.metrics()}
         self.metrics.write(row)
-        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s))
+        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s),
+                        **{name: value for name, value in self.step_metrics.items() if name in self.task.progress_metrics})
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def save(self) -> None:
@@ -258,20 +265,31 @@ class Trainer:
         """Target-weighted mean loss over the first `eval.max_batches` validation batches; written to metrics."""
         model, context = self.forward_model, self.context
         model.eval()
-        totals = torch.zeros(2, device=context.device)
+        totals = torch.zeros(2 + len(self.task.metrics), device=context.device)
         for batch in evaluation_batches(self.val_dataset, self.collate, self.config.eval.max_batches,
                                         self.config.train.micro_batch_size, self.config.data.num_workers,
                                         self.config.train.seed, context):
             targets = self.task.targets(batch)
             with autocast(context.device, self.dtype):
-                loss = self.task.loss(model, batch, None).loss
-            totals += torch.stack([loss.float() * targets, torch.tensor(float(targets), device=loss.device)])
+                outputs = self.loss(model, batch, None)
+            totals += torch.cat([torch.stack([outputs.loss.float() * targets, torch.tensor(float(targets), device=context.device)]),
+                                 self.task_metrics(outputs)])
         all_reduce_sum(totals, context)
-        val_loss = (totals[0] / totals[1].clamp(min=1)).item()
-        evaluation = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        means = (totals / totals[1].clamp(min=1)).tolist()
+        evaluation = {"val_loss": means[0]}
+        if self.task.perplexity:
+            evaluation["val_ppl"] = perplexity(means[0])
+        evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
         self.metrics.write({"step": self.state.step, **evaluation})
-        self.log.info(f"step {self.state.step}: val_loss {val_loss:.4f}, val_ppl {evaluation['val_ppl']:.2f}")
+        self.log.info(f"step {self.state.step}: " + ", ".join(f"{name} {value:.4f}" for name, value in evaluation.items()))
         return evaluation
+
+    def task_metrics(self, outputs) -> torch.Tensor:
+        """The task's metric sums of one batch, in the order of `task.metrics`."""
+        if not self.task.metrics:
+            return torch.zeros(0, device=self.context.device)
+        return torch.stack([outputs.metrics[name].detach().float() for name in self.task.metrics])
+
     def save_final(self) -> None:
         """final/ (see CheckpointManager.save_final); then, on rank 0, a sample from it and the task's evaluation."""
         tokenizer, logging = self.tokenizer, self.config.logging
