@@ -89,8 +89,6 @@ def test_implicit_prompt_shares_only_the_common_start():
     assert parsed is None and reason == "bad_reply"
 
 
-@pytest.mark.xfail(strict=True, reason="preference_turns compares whole message objects: keys other than role and "
-                                        "content decide whether replies are identical and where the shared prompt ends")
 @pytest.mark.parametrize("record,expected", [
     ({"prompt": QUESTION, "chosen": [{**assistant(GOOD), "id": 1}], "rejected": [{**assistant(GOOD), "id": 2}]},
      (None, "identical")),

@@ -473,6 +473,13 @@ class PadCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def same_turn(first: Any, second: Any) -> bool:
+    """Role and content make a turn; other keys (ids, scores) do not."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        return (first.get("role"), first.get("content")) == (second.get("role"), second.get("content"))
+    return first == second
+
+
 def preference_turns(record: Any) -> tuple[tuple[list[dict], dict, dict] | None, str, str]:
     """Validate a preference record; return ((prompt turns, chosen reply, rejected reply), "", "") or
     (None, reason, detail). Accepted: TRL's {"prompt", "chosen", "rejected"}, each a string (a user turn, assistant
@@ -492,7 +499,7 @@ def preference_turns(record: Any) -> tuple[tuple[list[dict], dict, dict] | None,
         if isinstance(record["chosen"], str) or isinstance(record["rejected"], str):
             return None, "missing_field", "string replies need a 'prompt'"
         shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        while shared < min(len(chosen), len(rejected)) and same_turn(chosen[shared], rejected[shared]):
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     elif isinstance(prompt, str):
@@ -506,7 +513,7 @@ def preference_turns(record: Any) -> tuple[tuple[list[dict], dict, dict] | None,
             problem = ("empty_reply", problem[1])
     if problem:
         return None, *problem
-    if chosen == rejected:
+    if len(chosen) == len(rejected) and all(map(same_turn, chosen, rejected)):
         return None, "identical", "chosen and rejected are the same reply"
     for side, reply in (("chosen", chosen), ("rejected", rejected)):
         if len(reply) != 1 or reply[0]["role"] != "assistant":
