@@ -76,14 +76,16 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_first_step_is_ln_2_and_the_rows_carry_the_preference_metrics(start, tmp_path):
     out_dir = tmp_path / "run"
-    summary = fit(values(start, out_dir, train={"max_steps": 6}, eval={"every_steps": 3}))
+    summary = fit(values(start, out_dir, train={"max_steps": 6}, eval={"every_steps": 3, "at_start": True}))
     rows, evaluations = read_metrics(out_dir)
     # The policy starts as the reference: every reward is 0, the loss is -log sigmoid(0).
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-4
     assert rows[0]["reward_margin"] == 0 and rows[0]["reward_accuracy"] == 0.5
     assert all(key in row for row in rows for key in (*PREFERENCE_KEYS, "lr", "grad_norm", "tokens_per_s"))
     assert rows[-1]["loss"] != rows[0]["loss"] and summary["reason"] == "finished"
-    assert [row["step"] for row in evaluations] == [3, 6]
+    assert [row["step"] for row in evaluations] == [0, 3, 6]
+    assert evaluations[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evaluations[0]["val_reward_accuracy"] == 0.5
     for row in evaluations:
         assert {f"val_{key}" for key in PREFERENCE_KEYS} <= set(row) and "val_ppl" not in row
         # The loss is a function of the margin alone; the log rows must agree with it.

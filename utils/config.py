@@ -279,6 +279,7 @@ class EvalSection:
     max_batches: int = 20
     patience: int = 0  # evaluations without improvement before stopping; 0 never stops early
     min_delta: float = 0.0
+    at_start: bool = False  # also evaluate the starting model, before the first step (not counted as a best)
     generation_samples: int = 0  # SFT: validation conversations answered by the final model for BLEU/ROUGE/METEOR
     generation_tokens: int = 64
 

@@ -185,6 +185,8 @@ class Trainer:
         try:
             with out_of_memory_as_input_error(), GracefulStop() as stop, \
                     ProgressBar(self.total_steps, enabled=self.context.is_main, start=state.step) as progress:
+                if self.val_dataset is not None and config.eval.at_start and state.step == 0:
+                    self.evaluate()
                 while state.step < self.total_steps:
                     if any_rank(stop.requested, self.context):
                         reason = "stopped by signal"
