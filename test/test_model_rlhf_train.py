@@ -207,15 +207,6 @@ def test_bad_input_ends_with_one_line_and_exit_2(start, tmp_path, capsys, case):
 
 
 @pytest.mark.slow
-def test_the_command_line_reports_bad_input_in_one_line(start, tmp_path):
-    arguments = cli_arguments(values(start, tmp_path / "run", rlhf={"beta": -1}))
-    result = subprocess.run([sys.executable, "model_rlhf_train.py", *arguments], cwd=ROOT, env=environment(),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "rlhf.beta must be > 0" in result.stderr
-
-
-@pytest.mark.slow
 def test_final_folder_loads_chats_and_exports(start, tmp_path, capsys):
     out_dir = tmp_path / "run"
     fit(values(start, out_dir, train={"max_steps": 2}, eval={"every_steps": 2}))
