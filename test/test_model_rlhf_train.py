@@ -145,10 +145,12 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(start, tm
             "single": ([], 2)}
     processes = {}
     for name, (launcher, accumulation) in runs.items():
-        arguments = cli_arguments(values(start, tmp_path / name, train={"max_steps": 4, "grad_accum_steps": accumulation},
+        arguments = cli_arguments(values(start, tmp_path / name, train={"max_steps": 4,
+                                                                        "grad_accum_steps": accumulation},
                                          checkpoint={"every_steps": 4}, eval={"every_steps": 4}))
         processes[name] = subprocess.Popen([sys.executable, *launcher, "model_rlhf_train.py", *arguments], cwd=ROOT,
-                                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True)
     for name, process in processes.items():
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output[-2000:]

@@ -355,7 +355,8 @@ def check_training_config(config: TrainingConfig) -> None:
     if isinstance(config, PreferenceConfig):
         rlhf = config.rlhf
         if config.model.init_from is None:
-            raise InputError("the preference stage starts from a trained model: set model.init_from (e.g. out/sft/final)")
+            raise InputError("the preference stage starts from a trained model: set model.init_from "
+                             "(e.g. out/sft/final)")
         if rlhf.beta <= 0:
             raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")
         if not 0 <= rlhf.label_smoothing < 0.5:

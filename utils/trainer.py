@@ -81,13 +81,12 @@ class Trainer:
         # Rank 0 tokenizes and caches the data first; the others then read the finished cache.
         self.train_dataset, self.val_dataset = main_first(
             lambda: self.task.datasets(self.tokenizer, config, log.info), context, (InputError,))
-        train_dataset = self.train_dataset
         self.collate = self.task.collator(self.tokenizer)
         with out_of_memory_as_input_error():
             self.model = model = self.build_model(self.tokenizer).to(context.device)
         if config.train.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        self.batches = TrainBatches(train_dataset, self.collate, config.data, config.train, context)
+        self.batches = TrainBatches(self.train_dataset, self.collate, config.data, config.train, context)
         steps_per_epoch = self.batches.steps_per_epoch(config.train.grad_accum_steps)
         if steps_per_epoch is None and config.train.max_steps is None:
             raise InputError("data.streaming needs train.max_steps (a stream has no known epoch length)")
@@ -120,7 +119,7 @@ class Trainer:
                                      config_to_dict(config), self.state.step if resume is not None else None)
         parameters = sum(parameter.numel() for parameter in model.parameters())
         trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-        data = (f"{len(train_dataset)} training samples, {steps_per_epoch} steps per epoch"
+        data = (f"{len(self.train_dataset)} training samples, {steps_per_epoch} steps per epoch"
                 if steps_per_epoch else "streamed training data, unknown steps per epoch")
         log.info(f"tokenizer: {config.data.tokenizer}; model: {parameters / 1e6:.2f}M parameters "
                  f"({trainable / 1e6:.2f}M trainable); {data}, {self.total_steps} steps; precision {self.dtype}; "
@@ -239,8 +238,8 @@ class Trainer:
                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                "elapsed_s": time.perf_counter() - self.start, **self.step_metrics, **self.router.metrics()}
         self.metrics.write(row)
-        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s),
-                        **{name: value for name, value in self.step_metrics.items() if name in self.task.progress_metrics})
+        shown = {name: self.step_metrics[name] for name in self.task.progress_metrics}
+        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def save(self) -> None:
@@ -274,8 +273,8 @@ class Trainer:
             targets = self.task.targets(batch)
             with autocast(context.device, self.dtype):
                 outputs = self.loss(model, batch, None)
-            totals += torch.cat([torch.stack([outputs.loss.float() * targets, torch.tensor(float(targets), device=context.device)]),
-                                 self.task_metrics(outputs)])
+            count = torch.tensor(float(targets), device=context.device)
+            totals += torch.cat([torch.stack([outputs.loss.float() * targets, count]), self.task_metrics(outputs)])
         all_reduce_sum(totals, context)
         means = (totals / totals[1].clamp(min=1)).tolist()
         evaluation = {"val_loss": means[0]}
@@ -283,7 +282,8 @@ class Trainer:
             evaluation["val_ppl"] = perplexity(means[0])
         evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
         self.metrics.write({"step": self.state.step, **evaluation})
-        self.log.info(f"step {self.state.step}: " + ", ".join(f"{name} {value:.4f}" for name, value in evaluation.items()))
+        figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
+        self.log.info(f"step {self.state.step}: {figures}")
         return evaluation
 
     def task_metrics(self, outputs) -> torch.Tensor:
