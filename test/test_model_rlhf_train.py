@@ -60,7 +60,7 @@ def values(start: dict[str, Path], out_dir: Path, **sections) -> dict:
               "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
               "checkpoint": {"every_steps": 4, "keep_last": 3},
               "eval": {"every_steps": 6, "max_batches": 2},
-              "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4}}
+              "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False}}
     for section, overrides in sections.items():
         result[section] = {**result.get(section, {}), **overrides}
     return result

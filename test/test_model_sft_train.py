@@ -59,7 +59,8 @@ def test_fine_tunes_from_a_saved_model(tmp_path):
                "--train.max_steps", "12", "--train.micro_batch_size", "4", "--train.precision", "fp32",
                "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--eval.every_steps", "6", "--eval.patience", "0",
                "--checkpoint.every_steps", "6", "--logging.every_steps", "1", "--logging.swanlab_mode", "disabled",
-               "--logging.sample_tokens", "4", "--eval.generation_samples", "3", "--eval.generation_tokens", "5"]
+               "--logging.sample_tokens", "4", "--logging.plots", "false", "--eval.generation_samples", "3",
+               "--eval.generation_tokens", "5"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +92,7 @@ def lora_config(source: Path, out_dir: Path, **train):
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
         "checkpoint": {"every_steps": 3, "keep_last": 3},
         "eval": {"every_steps": 3, "max_batches": 2},
-        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False},
         "lora": {"enabled": True, "rank": 4, "alpha": 8.0, "dropout": 0.0},
     })
 
@@ -177,7 +178,7 @@ def plain_config(source: Path, out_dir: Path, stage: str):
         "train": {"out_dir": str(out_dir), "max_steps": 4, "micro_batch_size": 2, "precision": "fp32"},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
         "checkpoint": {"every_steps": 2}, "eval": {"every_steps": 2, "max_batches": 2},
-        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False},
         "lora": {"enabled": stage == "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0},
     })
 

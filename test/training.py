@@ -25,7 +25,8 @@ def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 3},
         "checkpoint": {"every_steps": 4, "keep_last": 3},
         "eval": {"every_steps": 4, "max_batches": 2},
-        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4},
+        # No figures: drawing them costs more than most of these runs (test_plots turns them on).
+        "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False},
     }
     for section, overrides in sections.items():
         values[section] = {**values[section], **overrides}

@@ -289,6 +289,7 @@ class LoggingSection:
     every_steps: int = 10
     swanlab_mode: Literal["offline", "local", "cloud", "disabled"] = "offline"
     project: str = "stellarbyte"
+    plots: bool = True  # redraw out_dir/plots/ from metrics.jsonl at every evaluation and at the end
     sample_prompt: str = "The"
     sample_tokens: int = 48
 

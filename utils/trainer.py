@@ -24,7 +24,7 @@ from utils.config import (TrainingConfig, check_training_config, config_to_dict,
 from utils.counting import flops_per_token, measure_peak_flops
 from utils.distributed import (all_reduce_sum, any_rank, barrier, gradient_sync, init_distributed, main_first, teardown,
                                wrap_model)
-from utils.errors import InputError, out_of_memory_as_input_error
+from utils.errors import InputError, error_summary, out_of_memory_as_input_error
 from utils.graceful_stop import GracefulStop
 from utils.logger import quiet_transformers, setup_logger
 from utils.lora import add_lora
@@ -236,7 +236,8 @@ class Trainer:
         tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         row = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-               "elapsed_s": time.perf_counter() - self.start, **self.step_metrics, **self.router.metrics()}
+               "tokens_seen": self.state.tokens_seen, "elapsed_s": time.perf_counter() - self.start,
+               **self.step_metrics, **self.router.metrics()}
         self.metrics.write(row)
         shown = {name: self.step_metrics[name] for name in self.task.progress_metrics}
         progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
@@ -281,10 +282,24 @@ class Trainer:
         if self.task.perplexity:
             evaluation["val_ppl"] = perplexity(means[0])
         evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
-        self.metrics.write({"step": self.state.step, **evaluation})
+        self.metrics.write({"step": self.state.step, **evaluation, "tokens_seen": self.state.tokens_seen,
+                            "elapsed_s": time.perf_counter() - self.start})
+        self.refresh_plots()
         figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
         self.log.info(f"step {self.state.step}: {figures}")
         return evaluation
+
+    def refresh_plots(self) -> None:
+        """Redraw out_dir/plots/ from metrics.jsonl (rank 0). A figure that fails to draw costs a warning, never
+        the run."""
+        if not self.context.is_main or not self.config.logging.plots:
+            return
+        from utils.plots import plot_run  # here: matplotlib would add most of a second to every script's start
+
+        try:
+            plot_run(self.out_dir)
+        except Exception as error:  # plotting is a view of the run, not part of it
+            self.log.warning(f"plots not refreshed: {error_summary(error)}")
 
     def task_metrics(self, outputs) -> torch.Tensor:
         """The task's metric sums of one batch, in the order of `task.metrics`."""
@@ -307,4 +322,5 @@ class Trainer:
             row = self.task.evaluate_final(final, self.config) if self.task.evaluate_final else {}
             if row:
                 self.metrics.write({"step": self.state.step, **row})
+            self.refresh_plots()
         barrier(self.context)
