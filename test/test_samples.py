@@ -1,66 +1,55 @@
-"""utils/samples.py: sampled text from a saved model folder, plain continuation or a chat reply."""
+"""utils/samples.py: greedy text from a live model, plain continuation or a chat reply."""
 
-import pytest
 import torch
 
 from helpers import BOS, EOS, PAD, tiny_config
 from model import ByteModel
-from utils.samples import generate_sample
+from utils.samples import greedy_samples
 
-PROMPT = "Once upon a time"
-TOKENS = 12
+PROMPTS = ["Once upon a time", "从前有座山"]
+TOKENS = 8
 
 
-def save_model(folder, tokenizer):
+def tiny_model(tokenizer) -> ByteModel:
     torch.manual_seed(0)
-    model = ByteModel(tiny_config(vocab_size=len(tokenizer), num_hidden_layers=1, pad_token_id=PAD,
-                                  bos_token_id=BOS, eos_token_id=EOS))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return ByteModel(tiny_config(vocab_size=len(tokenizer), num_hidden_layers=1, pad_token_id=PAD, bos_token_id=BOS,
+                                 eos_token_id=EOS))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer):
-    return save_model(tmp_path_factory.mktemp("model"), tokenizer)
+def argmax_continuation(model: ByteModel, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Greedy decoding written out: a full forward per token, no cache, stop after the end token."""
+    new = []
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids + new]), use_cache=False).logits[0, -1].argmax())
+        new.append(token)
+        if token == eos:
+            break
+    return new
 
 
-@pytest.fixture(scope="module")
-def plain(folder):
-    """The plain sample with seed 3, shared by the tests that only read it."""
-    return generate_sample(folder, PROMPT, TOKENS, seed=3)
+def test_samples_are_the_argmax_continuation_and_the_mode_is_kept(tokenizer):
+    model = tiny_model(tokenizer).train()
+    samples = greedy_samples(model, tokenizer, PROMPTS, TOKENS)
+    assert model.training  # the run it samples from goes on training
+    model.eval()
+    for prompt, sample in zip(PROMPTS, samples):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        expected = argmax_continuation(model, ids, TOKENS, tokenizer.eos_token_id)
+        assert sample == tokenizer.decode(expected, skip_special_tokens=True)
+    assert greedy_samples(model, tokenizer, PROMPTS, TOKENS) == samples and not model.training
 
 
-def test_same_seed_same_text(folder, plain):
-    torch.manual_seed(99)  # the global RNG state before the call must not matter
-    assert generate_sample(folder, PROMPT, TOKENS, seed=3) == plain
+def test_chat_samples_are_replies_to_a_user_turn(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    (reply,) = greedy_samples(model, tokenizer, PROMPTS[:1], TOKENS, chat=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
+    expected = argmax_continuation(model, rendered["input_ids"], TOKENS, tokenizer.eos_token_id)
+    assert reply == tokenizer.decode(expected, skip_special_tokens=True)
+    assert reply != greedy_samples(model, tokenizer, PROMPTS[:1], TOKENS)[0]
 
 
-def test_other_seed_other_text(folder, plain):
-    assert generate_sample(folder, PROMPT, TOKENS, seed=4) != plain
-
-
-def test_plain_sample_continues_the_prompt(plain):
-    assert plain.startswith(PROMPT) and len(plain) > len(PROMPT)
-
-
-def test_chat_sample_is_the_reply_only(folder, tokenizer):
-    # The chat prompt written out by the template, then continued as plain text with the same seed: the tokens are
-    # the same, so the chat reply is what follows the decoded prompt.
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                             tokenize=False)
-    assert rendered.endswith("<|assistant|>")
-    prefix = tokenizer.decode(tokenizer(rendered, add_special_tokens=False).input_ids, skip_special_tokens=True)
-    continuation = generate_sample(folder, rendered, TOKENS, seed=5)
-    reply = generate_sample(folder, PROMPT, TOKENS, seed=5, chat=True)
-    assert continuation.startswith(prefix)
-    assert reply == continuation[len(prefix):]
-    assert reply and PROMPT not in reply
-
-
-def test_chat_without_a_template_is_plain(tmp_path, tokenizer):
+def test_chat_without_a_template_is_plain(tokenizer):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = None
-    folder = save_model(tmp_path, tokenizer)
-    assert (generate_sample(folder, PROMPT, 4, seed=1, chat=True)
-            == generate_sample(folder, PROMPT, 4, seed=1, chat=False))
+    model = tiny_model(tokenizer).eval()
+    assert greedy_samples(model, tokenizer, PROMPTS, 4, chat=True) == greedy_samples(model, tokenizer, PROMPTS, 4)

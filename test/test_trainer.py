@@ -448,3 +448,20 @@ def test_streaming_with_two_workers_trains(tmp_path, cache_dir):
     assert summary["reason"] == "finished" and all(math.isfinite(loss) for loss in summary["losses"])
     state = json.loads((tmp_path / "out" / "checkpoints" / "step_6" / "trainer_state.json").read_text())
     assert state["sampler"]["num_shards"] == 2 and set(state["sampler"]["positions"]) == {"0", "1"}
+
+
+def test_every_evaluation_and_the_final_model_write_samples(tmp_path, cache_dir):
+    out_dir = tmp_path / "out"
+    config = make_config(out_dir, cache_dir, train={"max_steps": 4}, eval={"every_steps": 2, "at_start": True,
+                                                                          "sample_prompts": ["The", "我们"]})
+    fit(config)
+    rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(row["step"], row["prompt"]) for row in rows] == [(step, prompt) for step in (0, 2, 4, 4)
+                                                              for prompt in ("The", "我们")]
+    assert [row.get("final", False) for row in rows] == [False] * 6 + [True] * 2
+    # final/ holds the best evaluated weights (step 0 is never a best): its greedy text is that step's.
+    _, evaluations = read_metrics(out_dir)
+    best = min(evaluations[1:], key=lambda row: row["val_loss"])["step"]
+    assert [row["sample"] for row in rows[6:]] == [row["sample"] for row in rows if row["step"] == best][:2]
+    log = (out_dir / "train.log").read_text(encoding="utf-8")
+    assert "step 2 sample: 'The' -> " in log and "final sample: '我们' -> " in log

@@ -280,6 +280,8 @@ class EvalSection:
     patience: int = 0  # evaluations without improvement before stopping; 0 never stops early
     min_delta: float = 0.0
     at_start: bool = False  # also evaluate the starting model, before the first step (not counted as a best)
+    # Continued greedily at every evaluation and by final/ (chat stages: as user turns), into samples.jsonl.
+    sample_prompts: list[str] = field(default_factory=lambda: ["The", "我们"])
     generation_samples: int = 0  # SFT: validation conversations answered by the final model for BLEU/ROUGE/METEOR
     generation_tokens: int = 64
 
@@ -290,8 +292,7 @@ class LoggingSection:
     swanlab_mode: Literal["offline", "local", "cloud", "disabled"] = "offline"
     project: str = "stellarbyte"
     plots: bool = True  # redraw out_dir/plots/ from metrics.jsonl at every evaluation and at the end
-    sample_prompt: str = "The"
-    sample_tokens: int = 48
+    sample_tokens: int = 48  # length of the samples of eval.sample_prompts
 
 
 @dataclass

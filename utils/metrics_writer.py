@@ -1,4 +1,5 @@
-"""The run's metrics: `metrics.jsonl` (one JSON row per logged step, evaluation or final measurement) and swanlab."""
+"""The run's metrics: `metrics.jsonl` (one JSON row per logged step, evaluation or final measurement),
+`samples.jsonl` (the text the model writes at every evaluation) and swanlab."""
 
 import json
 from pathlib import Path
@@ -12,17 +13,18 @@ class MetricsWriter:
 
     def __init__(self, out_dir: Path, enabled: bool, swanlab_mode: str, project: str, config: dict,
                  resume_step: int | None):
-        self.path = out_dir / "metrics.jsonl"
+        self.path, self.samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
         self.enabled = enabled
         self.run = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(row + "\n" for row in rows))
-        elif resume_step is None:
-            self.path.write_text("")
+        for path in (self.path, self.samples_path):
+            if resume_step is not None and path.exists():
+                rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+            elif resume_step is None:
+                path.write_text("")
         if swanlab_mode != "disabled":
             import swanlab  # imported lazily: it is slow to import and optional at run time
 
@@ -38,6 +40,20 @@ class MetricsWriter:
             # Scalars only: lists (the per-expert load) stay in metrics.jsonl.
             self.run.log({key: value for key, value in row.items()
                           if key != "step" and isinstance(value, (int, float))}, step=row["step"])
+
+    def write_samples(self, step: int, prompts: list[str], samples: list[str], final: bool = False) -> None:
+        """One samples.jsonl row per prompt (`final`: written by the saved final model)."""
+        if not self.enabled:
+            return
+        with self.samples_path.open("a", encoding="utf-8") as handle:
+            for prompt, sample in zip(prompts, samples):
+                row = {"step": step, "prompt": prompt, "sample": sample, **({"final": True} if final else {})}
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.run is not None:
+            import swanlab
+
+            self.run.log({"samples": [swanlab.Text(sample, caption=prompt) for prompt, sample in zip(prompts, samples)]},
+                         step=step)
 
     def close(self) -> None:
         if self.run is not None:

@@ -1,23 +1,32 @@
-"""Text a model writes from a fixed prompt, so that a person can read what a run has learned."""
-
-from pathlib import Path
+"""Text a model writes from fixed prompts, so that a person can read what a run has learned: greedy (the same
+model always writes the same text, so two evaluations differ only by what was learned between them)."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch import nn
 
 
 @torch.no_grad()
-def generate_sample(folder: Path, prompt: str, max_new_tokens: int, seed: int, chat: bool = False) -> str:
-    """Sampled continuation of `prompt` by the model folder; with `chat` (and a chat template) the prompt is a user
-    turn and only the reply is returned."""
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
+                   chat: bool = False) -> list[str]:
+    """Greedy continuation of each prompt; with `chat` (and a chat template) each prompt is a user turn and the
+    sample is the reply. The model is left in the mode it was in."""
     chat = chat and tokenizer.chat_template is not None
-    if chat:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(seed)
-    output = model.generate(**inputs, do_sample=True, max_new_tokens=max_new_tokens)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:] if chat else output[0], skip_special_tokens=True)
+    training = model.training
+    model.eval()
+    try:
+        samples = []
+        for prompt in prompts:
+            if chat:
+                inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       add_generation_prompt=True, return_tensors="pt",
+                                                       return_dict=True)
+            else:
+                inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            inputs = {key: value.to(model.device) for key, value in inputs.items()}
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[0, inputs["input_ids"].shape[1]:]
+            samples.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        return samples
+    finally:
+        model.train(training)

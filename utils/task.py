@@ -44,7 +44,7 @@ class Task:
     progress_metrics: tuple[str, ...] = ()  # the few of `metrics` shown on the progress line
     perplexity: bool = True  # the loss is a next-token cross-entropy: report val_ppl
     config_type: type = TrainingConfig
-    chat_sample: bool = False  # render the closing sample prompt as a user turn of the chat template
+    chat_sample: bool = False  # the sample prompts are user turns of the chat template
     evaluate_final: Callable[[Path, TrainingConfig], dict] | None = None
 
 

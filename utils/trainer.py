@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from model import ByteModel, ByteModelConfig, enable_activation_checkpointing
 from utils.batches import TrainBatches, evaluation_batches
@@ -34,7 +34,7 @@ from utils.optim import build_optimizer, build_scheduler
 from utils.precision import autocast, resolve_compile, resolve_precision
 from utils.progressbar import ProgressBar
 from utils.router_monitor import RouterMonitor
-from utils.samples import generate_sample
+from utils.samples import greedy_samples
 from utils.task import STOPPED_BY_BAD_STEPS, Task
 
 @dataclass
@@ -284,10 +284,26 @@ class Trainer:
         evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
         self.metrics.write({"step": self.state.step, **evaluation, "tokens_seen": self.state.tokens_seen,
                             "elapsed_s": time.perf_counter() - self.start})
+        # A sharded model generates only with every rank taking part; otherwise rank 0 writes alone.
+        if context.is_main or (context.is_distributed and self.config.train.strategy == "fsdp"):
+            self.write_samples(self.model)
         self.refresh_plots()
         figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
         self.log.info(f"step {self.state.step}: {figures}")
         return evaluation
+
+    def write_samples(self, model: nn.Module, final: bool = False) -> None:
+        """Greedy continuations of eval.sample_prompts (chat stages: replies) to the console, samples.jsonl and
+        swanlab."""
+        prompts = self.config.eval.sample_prompts
+        if not prompts:
+            return
+        samples = greedy_samples(model, self.tokenizer, prompts, self.config.logging.sample_tokens,
+                                 chat=self.task.chat_sample)
+        if self.context.is_main:
+            self.metrics.write_samples(self.state.step, prompts, samples, final)
+            for prompt, sample in zip(prompts, samples):
+                self.log.info(f"{'final' if final else f'step {self.state.step}'} sample: {prompt!r} -> {sample!r}")
 
     def refresh_plots(self) -> None:
         """Redraw out_dir/plots/ from metrics.jsonl (rank 0). A figure that fails to draw costs a warning, never
@@ -316,9 +332,7 @@ class Trainer:
             max_new_tokens=logging.sample_tokens)
         final = self.checkpoints.save_final(self.wrapped, tokenizer, generation_config, self.out_dir / "final")
         if self.context.is_main:
-            sample = generate_sample(final, logging.sample_prompt, logging.sample_tokens, self.config.train.seed,
-                                     chat=self.task.chat_sample)
-            self.log.info(f"sample: {sample!r}")
+            self.write_samples(AutoModelForCausalLM.from_pretrained(final), final=True)  # as its users will load it
             row = self.task.evaluate_final(final, self.config) if self.task.evaluate_final else {}
             if row:
                 self.metrics.write({"step": self.state.step, **row})
