@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from utils.metrics_writer import MetricsWriter
 
 
@@ -40,8 +42,9 @@ def test_samples_are_rows_per_prompt_and_are_cut_back_on_resume(tmp_path):
     assert [row["step"] for row in samples()] == [2, 2]
 
 
-def test_offline_swanlab_log_is_written_in_the_run_folder(tmp_path):
-    writer = MetricsWriter(tmp_path, True, "offline", "p", {"train": {"seed": 1}}, None)
+@pytest.mark.parametrize("mode", ["offline", "local"])
+def test_swanlab_log_is_written_in_the_run_folder(tmp_path, mode):
+    writer = MetricsWriter(tmp_path, True, mode, "p", {"train": {"seed": 1}}, None)
     writer.write({"step": 1, "loss": 2.5, "expert_load": [[0.5, 0.5]]})
     writer.write_samples(1, ["The"], ["cat"])
     writer.close()
