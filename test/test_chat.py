@@ -68,19 +68,31 @@ def test_reply_respects_max_new_tokens_without_eos():
 
 
 @pytest.mark.slow
-def test_prompt_mode_end_to_end_and_bad_input(tmp_path):
+def test_prompt_mode_end_to_end_and_bad_input(tmp_path, monkeypatch, capsys):
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
     folder = tmp_path / "chat_model"
     ByteModel(tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # One real process proves the command line (and that nothing else reaches stderr); it imports while the input
+    # errors below run here, through the same main().
     command = [sys.executable, str(ROOT / "scripts" / "chat.py"), "--model", str(folder), "--prompt", "你好",
                "--max-new-tokens", "7", "--temperature", "0"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == "" and "you>" not in result.stdout
-    for bad in (["--model", str(tmp_path / "missing"), "--prompt", "x"],
-                ["--model", str(folder), "--prompt", "x", "--top-p", "0"]):
-        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chat.py"), *bad], cwd=ROOT,
-                                capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    capsys.readouterr()  # the save's progress bars
+    try:
+        for bad in (["--model", str(tmp_path / "missing"), "--prompt", "x"],
+                    ["--model", str(folder), "--prompt", "x", "--top-p", "0"]):
+            monkeypatch.setattr(sys, "argv", ["chat.py", *bad])
+            with pytest.raises(SystemExit) as exit_info:
+                chat.main()
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.startswith("error:") and "Traceback" not in err, err
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert stderr == "" and "you>" not in stdout

@@ -2,10 +2,12 @@
 same logits and greedy tokens in a process that never imports this project; features the target lacks are refused
 with one line, exit code 2 and nothing written.
 
-Every command-line run is started at once and awaited together (each process mostly pays the torch/transformers
-import, which overlaps well even on two cores); the Llama side of the parity check is one more process that loads
-every export."""
+One export runs as a real process (it proves the command line); the other exports and the refusals go through the same
+entry in this process. The Llama side of the parity check is a process of its own that loads every export: it starts
+first and imports while the exports are made, then reads its request from stdin."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -21,7 +23,8 @@ from helpers import randomize_, tiny_config
 from model import ByteModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from export_hf import build_target, check_expressible, main, target_config_from  # noqa: E402
-from utils.errors import InputError
+from utils.errors import InputError, exit_on_input_error
+from utils.logger import quiet_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -56,7 +59,7 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-request = json.loads(sys.argv[1])
+request = json.loads(sys.stdin.read())
 greedy = GenerationConfig(do_sample=False, max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"],
                           eos_token_id=None, pad_token_id=0)
 results = {}
@@ -132,10 +135,10 @@ def prepare_sources(root: Path) -> dict[str, list[str]]:
     return cases
 
 
-def start(command: list[str], root: Path, name: str, cwd: Path) -> subprocess.Popen:
+def start(command: list[str], root: Path, name: str, cwd: Path, **options) -> subprocess.Popen:
     # Output goes to files, so that a chatty process can never block on a full pipe.
     with open(root / f"{name}.out", "w") as stdout, open(root / f"{name}.err", "w") as stderr:
-        return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=stdout, stderr=stderr)
+        return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=stdout, stderr=stderr, **options)
 
 
 def finish(process: subprocess.Popen, root: Path, name: str) -> tuple[int, str, str]:
@@ -143,22 +146,43 @@ def finish(process: subprocess.Popen, root: Path, name: str) -> tuple[int, str, 
     return code, (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text()
 
 
+def run_in_process(arguments: list[str]) -> tuple[int, str, str]:
+    """What `python scripts/export_hf.py ARGUMENTS` runs, in this process: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            quiet_transformers()
+            exit_on_input_error(lambda: main(arguments))()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+# The export that runs as a script: the case with a tokenizer and a generation config to copy.
+SCRIPT_CASE = "tied_default"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """name -> (exit code, stdout, stderr, case folder) for every script run, plus "llama" -> the loader's results and
+    """name -> (exit code, stdout, stderr, case folder) for every export, plus "llama" -> the loader's results and
     "byte" -> the ByteModel's own (logits, greedy tokens) per parity case."""
     root = tmp_path_factory.mktemp("export")
     cases = prepare_sources(root)
     input_ids, prompt_ids = ids(INPUT_LENGTH, seed=1), ids(PROMPT_LENGTH, seed=2)
     started = {}
     try:
-        for name, arguments in cases.items():
-            started[name] = start([sys.executable, "scripts/export_hf.py", *arguments], root, name, cwd=ROOT)
-        # The reference side runs here while the scripts import.
+        started["llama"] = start([sys.executable, "-c", LOADER], root, "llama", cwd=root, stdin=subprocess.PIPE,
+                                 text=True)
+        started[SCRIPT_CASE] = start([sys.executable, "scripts/export_hf.py", *cases[SCRIPT_CASE]], root,
+                                     SCRIPT_CASE, cwd=ROOT)
+        results = {name: (*run_in_process(arguments), root / name) for name, arguments in cases.items()
+                   if name != SCRIPT_CASE}
         byte = {name: byte_outputs(build(**overrides), input_ids, prompt_ids)
                 for name, overrides in PARITY_CASES.items()}
-        results = {name: (*finish(started[name], root, name), root / name) for name in PARITY_CASES}
-        for name, (code, _, stderr, _) in results.items():
+        results[SCRIPT_CASE] = (*finish(started[SCRIPT_CASE], root, SCRIPT_CASE), root / SCRIPT_CASE)
+        for name in PARITY_CASES:
+            code, _, stderr, _ = results[name]
             assert code == 0, f"{name}: {stderr}"
         # Dynamic RoPE: transformers scales every position for the whole input's length, this model causally, so
         # the export's logits are asked for an input within max_position_embeddings.
@@ -167,9 +191,7 @@ def runs(tmp_path_factory):
         request = {"folders": [str(root / name / "out") for name in PARITY_CASES], "input_ids": input_ids,
                    "lengths": lengths,
                    "prompt_ids": prompt_ids, "new_tokens": NEW_TOKENS, "text": TOKENIZER_TEXT}
-        started["llama"] = start([sys.executable, "-c", LOADER, json.dumps(request)], root, "llama", cwd=root)
-        for name in REFUSALS:
-            results[name] = (*finish(started[name], root, name), root / name)
+        started["llama"].communicate(json.dumps(request), timeout=TIMEOUT)
         code, stdout, stderr = finish(started["llama"], root, "llama")
         assert code == 0, stderr
         loaded = json.loads(stdout.splitlines()[-1])

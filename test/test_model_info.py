@@ -1,6 +1,8 @@
 """utils/model_info.py: memory estimates and weight statistics checked against the model itself, the report it
-writes (with the counts of utils/counting.py), and the script's input errors in subprocesses."""
+writes (with the counts of utils/counting.py), and the script's input errors (one line, exit code 2)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -14,7 +16,7 @@ import yaml
 from helpers import tiny_config
 from model import CACHE_FIELD, ByteModel, ByteModelConfig
 from utils.checkpoint import load_model_folder as load_model
-from utils.errors import InputError
+from utils.errors import InputError, exit_on_input_error
 from utils.counting import flops_per_token, parameter_counts
 from utils.model_info import config_from_yaml, inference_memory, main, training_memory, weight_statistics
 
@@ -346,7 +348,7 @@ def test_seq_len_zero_is_rejected(tmp_path):
         main(["--config", str(PRETRAIN_CONFIG), "--out", str(tmp_path), "--seq-len", "0"])
 
 
-# ---------------------------------------------------------------- the script, in subprocesses
+# ---------------------------------------------------------------- the script
 
 
 def environment() -> dict[str, str]:
@@ -356,56 +358,64 @@ def environment() -> dict[str, str]:
     return env
 
 
+def run_in_process(arguments: list[str]) -> tuple[int, str, str]:
+    """What `python utils/model_info.py ARGUMENTS` runs, in this process: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        patch.chdir(ROOT)  # relative paths (the demo tokenizer and data) as the script sees them
+        try:
+            exit_on_input_error(lambda: main(arguments))()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
 @pytest.fixture(scope="module")
-def script_runs(tmp_path_factory, saved_model):
-    """Run every command-line case at once (each process mostly pays the torch/transformers import; in parallel
-    they share the cores), then hand back name -> (exit code, stdout, stderr, out dir)."""
+def script_runs(tmp_path_factory):
+    """The run with no arguments as a real process (it proves the command line), every other case through the same
+    entry in this process while that one imports: name -> (exit code, stdout, stderr, out dir)."""
     root = tmp_path_factory.mktemp("script")
-    folder, _ = saved_model
-
-    truncated = root / "truncated"
-    build().save_pretrained(truncated)
-    weights = (truncated / "model.safetensors").read_bytes()
-    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    garbage = root / "garbage_config"
-    build().save_pretrained(garbage)
-    (garbage / "config.json").write_text("this is { not json")
-    (root / "no_model.yaml").write_text("data:\n  seq_len: 64\ntrain:\n  max_steps: 3\n")
-    (root / "invalid.yaml").write_text("model:\n  hidden_size: [64\n  num_hidden_layers: 2\n")
-    small_vocab_moe = root / "small_vocab_moe"  # no tokenizer beside it, and the demo tokenizer's ids do not fit
-    ByteModel(tiny_config(vocab_size=1234, num_experts=4, moe_intermediate_size=32)).save_pretrained(small_vocab_moe)
-
-    cases = {
-        "default": [],
-        "missing_config": ["--config", str(root / "nope.yaml")],
-        "missing_model": ["--model", str(root / "nope")],
-        "truncated_weights": ["--model", str(truncated)],
-        "garbage_config_json": ["--model", str(garbage)],
-        "no_model_section": ["--config", str(root / "no_model.yaml")],
-        "invalid_yaml": ["--config", str(root / "invalid.yaml")],
-        "small_vocab_moe": ["--model", str(small_vocab_moe), "--routing-tokens", "64"],
-        "small_vocab_moe_with_data": ["--model", str(small_vocab_moe), "--data", "datasets/demo/pretrain_val.jsonl"],
-    }
-    started = {}
+    default_out = root / "out_default"
+    stdout, stderr = open(root / "default.out", "w"), open(root / "default.err", "w")
+    process = subprocess.Popen([sys.executable, "utils/model_info.py", "--out", str(default_out)],
+                               cwd=ROOT, env=environment(), stdout=stdout, stderr=stderr)
+    stdout.close()
+    stderr.close()
     try:
-        for name, arguments in cases.items():
-            out_dir = root / f"out_{name}"
-            stdout, stderr = open(root / f"{name}.out", "w"), open(root / f"{name}.err", "w")
-            process = subprocess.Popen([sys.executable, "utils/model_info.py", *arguments, "--out", str(out_dir)],
-                                       cwd=ROOT, env=environment(), stdout=stdout, stderr=stderr)
-            stdout.close()
-            stderr.close()
-            started[name] = (process, out_dir)
-        results = {}
-        for name, (process, out_dir) in started.items():
-            code = process.wait(timeout=TIMEOUT)
-            results[name] = (code, (root / f"{name}.out").read_text(), (root / f"{name}.err").read_text(), out_dir)
-        return results
+        truncated = root / "truncated"
+        build().save_pretrained(truncated)
+        weights = (truncated / "model.safetensors").read_bytes()
+        (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+        garbage = root / "garbage_config"
+        build().save_pretrained(garbage)
+        (garbage / "config.json").write_text("this is { not json")
+        (root / "no_model.yaml").write_text("data:\n  seq_len: 64\ntrain:\n  max_steps: 3\n")
+        (root / "invalid.yaml").write_text("model:\n  hidden_size: [64\n  num_hidden_layers: 2\n")
+        small_vocab_moe = root / "small_vocab_moe"  # no tokenizer beside it, and the demo tokenizer's ids do not fit
+        ByteModel(tiny_config(vocab_size=1234, num_experts=4, moe_intermediate_size=32)).save_pretrained(
+            small_vocab_moe)
+
+        cases = {
+            "missing_config": ["--config", str(root / "nope.yaml")],
+            "missing_model": ["--model", str(root / "nope")],
+            "truncated_weights": ["--model", str(truncated)],
+            "garbage_config_json": ["--model", str(garbage)],
+            "no_model_section": ["--config", str(root / "no_model.yaml")],
+            "invalid_yaml": ["--config", str(root / "invalid.yaml")],
+            "small_vocab_moe": ["--model", str(small_vocab_moe), "--routing-tokens", "64"],
+            "small_vocab_moe_with_data": ["--model", str(small_vocab_moe), "--data",
+                                          "datasets/demo/pretrain_val.jsonl"],
+        }
+        results = {name: (*run_in_process([*arguments, "--out", str(root / f"out_{name}")]), root / f"out_{name}")
+                   for name, arguments in cases.items()}
+        code = process.wait(timeout=TIMEOUT)
     finally:
-        for process, _ in started.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    results["default"] = (code, (root / "default.out").read_text(), (root / "default.err").read_text(), default_out)
+    return results
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """tokenizer_pretrain.py: training, round trips, special tokens, chat template, bad input."""
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -149,35 +151,50 @@ def bad_input_arguments(folder: Path, case: str) -> list[str]:
             "--tokenizer.out_dir", str(folder / "tok"), "--eval.report", str(folder / "report.json"), *extra]
 
 
+def run_in_process(arguments: list[str]) -> tuple[int, str]:
+    """tokenizer_pretrain.main as the command line runs it: (exit code, stderr)."""
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.chdir(ROOT)  # the default config path is relative to the repository
+        patch.setattr(sys, "argv", ["tokenizer_pretrain.py", *arguments])
+        try:
+            tokenizer_pretrain.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return code, stderr.getvalue()
+
+
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory) -> dict[str, tuple[int, str, Path, dict]]:
-    """Every command-line case at once (each process mostly pays its imports; in parallel they share the cores):
-    name -> (exit code, stderr, its folder, digest of its existing tokenizer folder before the run)."""
+    """A training run as a real process (it proves the command line), and every bad input through the same main() in
+    this process while that one imports: name -> (exit code, stderr, its folder, digest of its existing tokenizer
+    folder before the run)."""
     root = tmp_path_factory.mktemp("cli")
-    existing = train_tokenizer(CORPUS, TokenizerSection(vocab_size=300))
-    cases = {}
     train = write_jsonl(root / "train.jsonl", [{"text": text} for text in CORPUS])
     conversations = write_jsonl(root / "sft.jsonl", [{"conversations": [
         {"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello!"}]}] * 10)
     val = write_jsonl(root / "val.jsonl", [{"text": "今天我们学习。"}, {"text": "Hello tokenizer."}])
     (root / "trains").mkdir()
-    cases["trains"] = ["--data.train_files", f"[{train}, {conversations}]", "--data.val_files", str(val),
-                       "--tokenizer.vocab_size", "350", "--tokenizer.out_dir", str(root / "trains" / "tok"),
-                       "--eval.report", str(root / "trains" / "report.json")]
-    for case in BAD_INPUT:
-        folder = root / case
-        save_atomically(existing, folder / "tok")
-        cases[case] = bad_input_arguments(folder, case)
-    started = {}
-    for name, arguments in cases.items():
-        before = folder_digest(root / name / "tok") if name in BAD_INPUT else {}
-        process = subprocess.Popen([sys.executable, str(ROOT / "tokenizer_pretrain.py"), *arguments], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        started[name] = (process, before)
-    results = {}
-    for name, (process, before) in started.items():
+    arguments = ["--data.train_files", f"[{train}, {conversations}]", "--data.val_files", str(val),
+                 "--tokenizer.vocab_size", "350", "--tokenizer.out_dir", str(root / "trains" / "tok"),
+                 "--eval.report", str(root / "trains" / "report.json")]
+    process = subprocess.Popen([sys.executable, str(ROOT / "tokenizer_pretrain.py"), *arguments], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        existing = train_tokenizer(CORPUS, TokenizerSection(vocab_size=300))
+        results = {}
+        for case in BAD_INPUT:
+            folder = root / case
+            save_atomically(existing, folder / "tok")
+            before = folder_digest(folder / "tok")
+            results[case] = (*run_in_process(bad_input_arguments(folder, case)), folder, before)
         _, stderr = process.communicate(timeout=300)
-        results[name] = (process.returncode, stderr, root / name, before)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    results["trains"] = (process.returncode, stderr, root / "trains", {})
     return results
 
 
