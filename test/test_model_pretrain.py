@@ -48,7 +48,7 @@ def tiny_args(out_dir: Path, cache_dir: Path, **overrides) -> list[str]:
         "train.out_dir": out_dir, "train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 1,
         "train.precision": "fp32", "optim.lr": 1e-2, "optim.min_lr": 1e-3, "optim.warmup_steps": 2,
         "eval.max_batches": 2, "logging.every_steps": 1, "logging.swanlab_mode": "disabled",
-        "logging.sample_tokens": 4,
+        "logging.sample_tokens": 4, "logging.plots": False,
     }
     values.update({key.replace("__", "."): value for key, value in overrides.items()})
     arguments = []
@@ -251,7 +251,7 @@ def runs(tmp_path_factory, cache_dir) -> dict[str, Run]:
         "streaming": (streaming_args(root / "streaming", max_steps=4), 2),
         "ddp": (tiny_args(root / "ddp", cache_dir, **DISTRIBUTED, train__max_steps=6, train__strategy="ddp"), 2),
         "single": (tiny_args(root / "single", cache_dir, **DISTRIBUTED, train__max_steps=6,
-                             train__grad_accum_steps=2), 1),
+                             train__grad_accum_steps=2, logging__plots=True), 1),
         "fsdp": (tiny_args(root / "fsdp", cache_dir, **DISTRIBUTED, train__max_steps=4, train__strategy="fsdp"), 2),
         "bad-data": (["--data.train_files", str(root / "absent.jsonl"), "--train.out_dir", str(root / "bad-data"),
                       "--logging.swanlab_mode", "disabled"], 2),
@@ -306,12 +306,20 @@ def test_ddp_two_processes_match_one_process_with_accumulation(runs):
     assert states[0]["tokens_seen"] == states[1]["tokens_seen"] == 6 * 4 * 32
     # The loss moved: this was training, not just the same forward pass twice.
     assert single[-1]["loss"] < single[0]["loss"]
+    # The command line draws the run's figures and writes its samples (the evaluation's and final/'s).
+    out_dir = runs["single"].out_dir
+    assert sorted(path.name for path in (out_dir / "plots").iterdir()) == ["loss.png", "optimization.png"]
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(row["step"], row.get("final", False)) for row in samples] == [(6, False)] * 2 + [(6, True)] * 2
 
 
 def test_fsdp_two_processes_train_and_save_a_loadable_model(runs):
     code, out, err, out_dir, _ = runs["fsdp"]
     assert code == 0, err[-3000:]
     assert "2 process(es), fsdp" in err
+    # The sharded model generates its evaluation samples with every rank taking part; rank 0 writes them.
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["step"] for row in samples if not row.get("final")] == [4, 4]
     rows = train_rows(out_dir)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in rows)
