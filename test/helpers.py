@@ -1,13 +1,16 @@
 """Shared helpers: tiny model configs, the equivalent transformers LlamaConfig, weight utilities; repository paths,
-the demo tokenizer's special ids and data-file helpers for the data tests."""
+the demo tokenizer's special ids and data-file helpers for the data tests; putting the project logger back."""
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
 
 from model import ByteModelConfig
+from utils.logger import LOGGER_NAME
 
 ATOL = 1e-5
 # Parameter gradients sum over every token, so they are O(10): compare them with a relative term as well.
@@ -113,3 +116,21 @@ MULTI_TURNS = [{"role": "system", "content": "You are a helpful assistant."},
                {"role": "assistant", "content": "我是一个小模型，可以回答简单的问题。"},
                {"role": "user", "content": "Write a Python function that adds two numbers."},
                {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]
+
+
+@contextlib.contextmanager
+def project_logger_restored():
+    """setup_logger changes the project logger for the whole process (handlers on a test's captured stderr and its
+    train.log): put it back afterwards."""
+    logger = logging.getLogger(LOGGER_NAME)
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -6,22 +6,14 @@ import re
 import pytest
 from transformers.utils import logging as transformers_logging
 
-from utils.logger import LOGGER_NAME, get_logger, quiet_transformers, setup_logger
+from helpers import project_logger_restored
+from utils.logger import get_logger, quiet_transformers, setup_logger
 
 
 @pytest.fixture(autouse=True)
 def restore_logger():
-    """setup_logger changes the project logger for the whole process: put it back after each test."""
-    logger = logging.getLogger(LOGGER_NAME)
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
+    with project_logger_restored():
+        yield
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_pretrain
+from helpers import project_logger_restored
 from utils.data import build_token_cache
-from utils.logger import get_logger
 from utils.task import run_training
 
 pytestmark = pytest.mark.slow  # most tests here wait for real runs of the script, many through torchrun
@@ -120,8 +120,6 @@ def run_script(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the default config and tokenizer are found relative to the repository, as by the script
     for key in DISTRIBUTED_VARIABLES:
         monkeypatch.delenv(key, raising=False)
-    logger = get_logger()
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
 
     def run(arguments: list[str]) -> tuple[int, str, str]:
         try:
@@ -133,15 +131,9 @@ def run_script(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return code, out, err
 
-    yield run
-    # The trainer points the project logger at this test's captured stderr and its train.log: put it back.
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = propagate
+    # The trainer points the project logger at this test's captured stderr and its train.log: put it back after.
+    with project_logger_restored():
+        yield run
 
 
 ERROR_CASES = {

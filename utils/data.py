@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,19 @@ def read_jsonl(path: str | Path, issues: DataIssues | None = None,
                 issues.report("malformed_json", f"{path}:{line_number}", f"malformed JSON ({error.msg})")
                 if yield_malformed:
                     yield line_number, MALFORMED
+
+
+def parsed_records(files: list[str], issues: DataIssues,
+                   parse: Callable[[Any], tuple[Any, str, str]]) -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed) for every record of `files` that `parse` accepts (it returns (parsed, "", "") or
+    (None, reason, detail)); the others are reported to `issues`."""
+    for path in files:
+        for line_number, record in read_jsonl(path, issues):
+            parsed, reason, detail = parse(record)
+            if parsed is None:
+                issues.report(reason, f"{path}:{line_number}", detail)
+                continue
+            yield f"{path}:{line_number}", parsed
 
 
 def document_texts(record: Any) -> list[str]:
@@ -428,18 +441,12 @@ class SFTDataset(Dataset):
             raise InputError("the tokenizer has no chat template")
         self.issues = DataIssues(strict=strict)
         self.samples: list[tuple[list[int], list[int]]] = []
-        for path in files:
-            for line_number, record in read_jsonl(path, self.issues):
-                location = f"{path}:{line_number}"
-                turns, reason, detail = conversation_turns(record)
-                if turns is None:
-                    self.issues.report(reason, location, detail)
-                    continue
-                encoded = encode_conversation(tokenizer, turns, max_seq_len)
-                if encoded is None:
-                    self.issues.report("too_long", location, f"no assistant token fits in max_seq_len={max_seq_len}")
-                    continue
-                self.samples.append(encoded)
+        for location, turns in parsed_records(files, self.issues, conversation_turns):
+            encoded = encode_conversation(tokenizer, turns, max_seq_len)
+            if encoded is None:
+                self.issues.report("too_long", location, f"no assistant token fits in max_seq_len={max_seq_len}")
+                continue
+            self.samples.append(encoded)
         if not self.samples:
             raise InputError(f"no usable conversations in {', '.join(files)} ({self.issues.summary()})")
         if log is not None and self.issues.total:
@@ -552,27 +559,20 @@ class PreferenceDataset(Dataset):
         self.issues = DataIssues(strict=strict)
         self.pairs: list[tuple[list[int], list[int], list[int]]] = []
         truncated = 0
-        for path in files:
-            for line_number, record in read_jsonl(path, self.issues):
-                location = f"{path}:{line_number}"
-                parsed, reason, detail = preference_turns(record)
-                if parsed is None:
-                    self.issues.report(reason, location, detail)
-                    continue
-                prompt_turns, *replies = parsed
-                prompt = render_chat(tokenizer, prompt_turns, add_generation_prompt=True)
-                encoded = []
-                for reply in replies:
-                    turns = prompt_turns + [reply]
-                    full = render_chat(tokenizer, turns)
-                    start, stop, _ = reply_span(tokenizer, turns, len(prompt_turns), full)
-                    encoded.append(full[start:stop])
-                pair = fit_pair(prompt, *encoded, max_seq_len)
-                if pair is None:
-                    self.issues.report("too_long", location, f"no distinct replies fit in max_seq_len={max_seq_len}")
-                    continue
-                truncated += pair != (prompt, *encoded)
-                self.pairs.append(pair)
+        for location, (prompt_turns, *replies) in parsed_records(files, self.issues, preference_turns):
+            prompt = render_chat(tokenizer, prompt_turns, add_generation_prompt=True)
+            encoded = []
+            for reply in replies:
+                turns = prompt_turns + [reply]
+                full = render_chat(tokenizer, turns)
+                start, stop, _ = reply_span(tokenizer, turns, len(prompt_turns), full)
+                encoded.append(full[start:stop])
+            pair = fit_pair(prompt, *encoded, max_seq_len)
+            if pair is None:
+                self.issues.report("too_long", location, f"no distinct replies fit in max_seq_len={max_seq_len}")
+                continue
+            truncated += pair != (prompt, *encoded)
+            self.pairs.append(pair)
         if not self.pairs:
             raise InputError(f"no usable preference pairs in {', '.join(files)} ({self.issues.summary()})")
         if log is not None and self.issues.total:
