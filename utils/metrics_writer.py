@@ -52,8 +52,8 @@ class MetricsWriter:
         if self.run is not None:
             import swanlab
 
-            self.run.log({"samples": [swanlab.Text(sample, caption=prompt) for prompt, sample in zip(prompts, samples)]},
-                         step=step)
+            texts = [swanlab.Text(sample, caption=prompt) for prompt, sample in zip(prompts, samples)]
+            self.run.log({"samples": texts}, step=step)
 
     def close(self) -> None:
         if self.run is not None:

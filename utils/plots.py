@@ -124,14 +124,16 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 # Keys that say where a run writes and how often, not what it learns: never what tells two runs apart.
-BOOKKEEPING = ("checkpoint.", "logging.", "eval.", "train.out_dir", "train.device", "data.cache_dir", "data.num_workers")
+BOOKKEEPING = ("checkpoint.", "logging.", "eval.", "train.out_dir", "train.device", "data.cache_dir",
+               "data.num_workers")
 
 
 def differing_keys(configs: list[dict]) -> list[str]:
     """The config keys that shape training and are not the same in every run."""
     flat = [flatten(config) for config in configs]
     keys = sorted(set().union(*flat))
-    return [key for key in keys if not key.startswith(BOOKKEEPING) and len({repr(entry.get(key)) for entry in flat}) > 1]
+    return [key for key in keys
+            if not key.startswith(BOOKKEEPING) and len({repr(entry.get(key)) for entry in flat}) > 1]
 
 
 def run_summary(rows: list[dict]) -> dict:

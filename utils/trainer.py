@@ -284,12 +284,12 @@ class Trainer:
         evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
         self.metrics.write({"step": self.state.step, **evaluation, "tokens_seen": self.state.tokens_seen,
                             "elapsed_s": time.perf_counter() - self.start})
+        figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
+        self.log.info(f"step {self.state.step}: {figures}")
         # A sharded model generates only with every rank taking part; otherwise rank 0 writes alone.
         if context.is_main or (context.is_distributed and self.config.train.strategy == "fsdp"):
             self.write_samples(self.model)
         self.refresh_plots()
-        figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
-        self.log.info(f"step {self.state.step}: {figures}")
         return evaluation
 
     def write_samples(self, model: nn.Module, final: bool = False) -> None:
