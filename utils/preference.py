@@ -116,11 +116,12 @@ class PreferenceLoss:
         losses = pair_losses(section.method, section.beta, section.label_smoothing, logps, reference, counts)
         if section.sft_weight:
             losses = losses - section.sft_weight * logps[:, 0] / counts[:, 0].clamp(min=1)
-        share = pairs / num_items_in_batch if num_items_in_batch is not None else 1.0
-        loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else pairs)
+        total = num_items_in_batch if num_items_in_batch is not None else pairs
+        loss = losses.sum() / total
         aux_loss, z_loss = getattr(outputs, "aux_loss", None), getattr(outputs, "z_loss", None)
         if aux_loss is not None and z_loss is not None and model.training:
-            loss = loss + share * (self.router_weights[0] * aux_loss + self.router_weights[1] * z_loss)
+            # Weighted by this micro-batch's share of the step's pairs, as the pair losses are.
+            loss = loss + pairs / total * (self.router_weights[0] * aux_loss + self.router_weights[1] * z_loss)
         with torch.no_grad():
             rewards = section.beta * (logps - reference)
             margin = rewards[:, 0] - rewards[:, 1]
