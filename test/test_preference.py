@@ -330,7 +330,8 @@ def test_the_three_reference_modes_give_the_same_loss(tmp_path, dataset, base):
     assert abs(copy_loss.item() - LN2) > 1e-3
     assert adapters_loss.item() == pytest.approx(copy_loss.item(), abs=1e-6)
 
-    attach_reference_logps(frozen(base), [dataset], PairCollator(PAD), fake_trainer(tmp_path), str(tmp_path / "src"))
+    attach_reference_logps(lambda: frozen(base), [dataset], PairCollator(PAD), fake_trainer(tmp_path),
+                           str(tmp_path / "src"))
     assert dataset.reference_logps.shape == (len(dataset), 2) and dataset.reference_logps.dtype == torch.float32
     # Computed two pairs at a time (each micro-batch padded differently), the same numbers as in one batch.
     torch.testing.assert_close(dataset.reference_logps, frozen(base)(batch), atol=1e-5, rtol=0)
@@ -349,12 +350,12 @@ def failing_reference(batch):
 def test_precomputed_reference_is_read_back_for_the_same_pairs_only(tmp_path, tokenizer, pairs_file, dataset, base,
                                                                    caplog):
     trainer, source = fake_trainer(tmp_path / "run"), str(tmp_path / "src")
-    attach_reference_logps(frozen(base), [dataset], PairCollator(PAD), trainer, source)
+    attach_reference_logps(lambda: frozen(base), [dataset], PairCollator(PAD), trainer, source)
     first = dataset.reference_logps
 
     again = PreferenceDataset([str(pairs_file)], tokenizer, SEQ_LEN)
     with caplog.at_level(logging.INFO, logger="test_preference"):
-        attach_reference_logps(failing_reference, [again], PairCollator(PAD), trainer, source)
+        attach_reference_logps(lambda: failing_reference, [again], PairCollator(PAD), trainer, source)
     assert torch.equal(again.reference_logps, first)
     assert "read from" in caplog.text
 
@@ -367,21 +368,22 @@ def test_precomputed_reference_is_read_back_for_the_same_pairs_only(tmp_path, to
         calls.append(batch["input_ids"].shape[0] // 2)
         return frozen(base)(batch)
 
-    attach_reference_logps(counting_reference, [changed], PairCollator(PAD), trainer, source)
+    attach_reference_logps(lambda: counting_reference, [changed], PairCollator(PAD), trainer, source)
     assert calls == [2, 2]  # every pair computed again, two per micro-batch
     torch.testing.assert_close(changed.reference_logps[[0, 2, 3]], first[[0, 2, 3]], atol=1e-5, rtol=0)
     assert changed.reference_logps[1, 0].item() == pytest.approx(first[1, 0].item(), abs=1e-5)
     assert abs(changed.reference_logps[1, 1].item() - first[1, 1].item()) > 1e-3
     # Another reference (its source) also means computing again.
     calls.clear()
-    attach_reference_logps(counting_reference, [changed], PairCollator(PAD), trainer, str(tmp_path / "other"))
+    attach_reference_logps(lambda: counting_reference, [changed], PairCollator(PAD), trainer,
+                           str(tmp_path / "other"))
     assert calls == [2, 2]
     # An unreadable file is computed again and replaced.
     (tmp_path / "run" / "reference_logps.pt").write_bytes(b"not a torch file")
     calls.clear()
-    attach_reference_logps(counting_reference, [changed], PairCollator(PAD), trainer, source)
+    attach_reference_logps(lambda: counting_reference, [changed], PairCollator(PAD), trainer, source)
     assert calls == [2, 2]
-    attach_reference_logps(failing_reference, [changed], PairCollator(PAD), trainer, source)
+    attach_reference_logps(lambda: failing_reference, [changed], PairCollator(PAD), trainer, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

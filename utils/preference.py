@@ -132,9 +132,11 @@ class PreferenceLoss:
         return PreferenceOutput(loss, metrics, aux_loss, z_loss)
 
 
-def attach_reference_logps(reference: Reference, datasets: list, collate, trainer, source: str) -> None:
+def attach_reference_logps(make_reference: Callable[[], Callable[[dict], torch.Tensor]], datasets: list, collate,
+                           trainer, source: str) -> None:
     """Give each dataset its reference log-probabilities ([pairs, 2]): read from the run's reference_logps.pt when
-    it was computed for the same pairs, reference and precision, else computed now and written there."""
+    it was computed for the same pairs, reference and precision, else computed now and written there. The
+    reference model is built (`make_reference()`) only in the second case."""
     path = Path(trainer.out_dir) / "reference_logps.pt"
     key = json.dumps({"reference": str(Path(source).resolve()), "precision": str(trainer.dtype),
                       "pairs": [dataset.fingerprint() for dataset in datasets]})
@@ -148,7 +150,7 @@ def attach_reference_logps(reference: Reference, datasets: list, collate, traine
                 dataset.reference_logps = table
             trainer.log.info(f"reference log-probabilities read from {path}")
             return
-    device = trainer.context.device
+    device, reference = trainer.context.device, make_reference()
     for dataset in datasets:
         tables = []
         for batch in make_loader(dataset, trainer.config.train.micro_batch_size, collate, 0, 0, device):
@@ -165,14 +167,17 @@ def attach_reference_logps(reference: Reference, datasets: list, collate, traine
 def preference_objective(trainer) -> PreferenceLoss:
     """The loss for a `Trainer` whose model is built: the reference it needs, computed ahead when asked."""
     config, section = trainer.config, trainer.config.rlhf
-    if section.reference_from is None and config.lora.enabled:
-        reference, source = Reference(trainer.model, adapters_off=True), config.model.init_from
-    else:
-        source = section.reference_from or config.model.init_from
-        reference = Reference(load_starting_model(source).to(trainer.context.device))
-    if section.precompute_reference:
-        datasets = [dataset for dataset in (trainer.train_dataset, trainer.val_dataset) if dataset is not None]
-        main_first(lambda: attach_reference_logps(reference, datasets, trainer.collate, trainer, source),
-                   trainer.context, (InputError,))
-        reference = None  # training holds one model
-    return PreferenceLoss(section, reference, trainer.model.config)
+    source = section.reference_from or config.model.init_from
+
+    def make_reference() -> Reference:
+        if section.reference_from is None and config.lora.enabled:
+            return Reference(trainer.model, adapters_off=True)
+        return Reference(load_starting_model(source).to(trainer.context.device))
+
+    if not section.precompute_reference:
+        return PreferenceLoss(section, make_reference(), trainer.model.config)
+    datasets = [dataset for dataset in (trainer.train_dataset, trainer.val_dataset) if dataset is not None]
+    # Ranks that find the stored values (all but rank 0, and a resumed run) never load a reference model.
+    main_first(lambda: attach_reference_logps(make_reference, datasets, trainer.collate, trainer, source),
+               trainer.context, (InputError,))
+    return PreferenceLoss(section, None, trainer.model.config)  # training holds one model
