@@ -48,12 +48,12 @@ def save_figure(figure: Figure, path: Path) -> Path:
 
 
 def panel(figure: Figure, position: int, columns: int, title: str, rows: list[dict], keys: list[str],
-          x: str = "step", log_x: bool = False, log_y: bool = False):
-    """One subplot with a line per key that has data; None when none has."""
+          x: str = "step", log_x: bool = False, log_y: bool = False) -> None:
+    """One subplot with a line per key that has data; none when no key has."""
     lines = [(key, *series(rows, key, x)) for key in keys]
     lines = [line for line in lines if line[1]]
     if not lines:
-        return None
+        return
     axes = figure.add_subplot(1, columns, position)
     for key, xs, ys in lines:
         axes.plot(xs, ys, label=key, marker="o" if len(xs) < 30 else None, markersize=3)
@@ -65,7 +65,6 @@ def panel(figure: Figure, position: int, columns: int, title: str, rows: list[di
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
-    return axes
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
