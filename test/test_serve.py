@@ -1,0 +1,412 @@
+"""scripts/serve.py: the engine in-process (batched greedy equals alone, per-request limits and stop strings, whole
+characters, penalties), then one live server driven by the official openai client, plain HTTP and headless Chromium."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from helpers import randomize_, tiny_config
+from model import ByteModel
+from test_chat import scripted
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import serve  # noqa: E402
+
+API_KEY = "test-key"
+CONTEXT = 4096
+
+
+def random_model(tokenizer) -> ByteModel:
+    """Random weights with a large context, whose end-of-sequence logit is always 0: among 6400 random logits the
+    greedy choice is never it, so greedy replies run to their token limit."""
+    torch.manual_seed(0)
+    language_model = ByteModel(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                           bos_token_id=tokenizer.bos_token_id))
+    randomize_(language_model)
+    with torch.no_grad():
+        language_model.lm_head.weight[tokenizer.eos_token_id] = 0
+    return language_model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A model this small decodes fastest on one thread, and far faster than on two where other processes share the
+    cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    return serve.Engine(random_model(tokenizer), tokenizer)
+
+
+def job(prompt_ids: list[int], max_tokens: int, events: list, index: int = 0, **fields) -> serve.Job:
+    return serve.Job(prompt_ids, max_tokens, fields.pop("sampling", serve.Sampling(do_sample=False)), events.append,
+                     index, **fields)
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+
+
+def replies(events: list, count: int) -> list[dict]:
+    """Per job: the text pieces it sent, its finish reason and token count."""
+    result = [{"pieces": [], "finish_reason": None, "tokens": None} for _ in range(count)]
+    for event in events:
+        if event[1] == "text":
+            result[event[0]]["pieces"].append(event[2])
+        elif event[1] == "end":
+            result[event[0]].update(finish_reason=event[2], tokens=event[3])
+        else:
+            raise AssertionError(event)
+    return result
+
+
+def test_batched_greedy_equals_alone_with_per_request_limits(engine, tokenizer):
+    prompts = [chat_ids(tokenizer, text)
+               for text in ("hi", "你好，请介绍一下你自己。", "What is 2 + 3? Answer in one word, please.", "ok")]
+    limits = [5, 12, 3, 9]
+    alone = []
+    for prompt, limit in zip(prompts, limits):
+        events = []
+        engine.run([job(prompt, limit, events)])
+        alone.append(replies(events, 1)[0])
+    events = []
+    engine.run([job(prompt, limit, events, index) for index, (prompt, limit) in enumerate(zip(prompts, limits))])
+    batched = replies(events, len(prompts))
+    for single, together, limit in zip(alone, batched, limits):
+        assert "".join(single["pieces"]) == "".join(together["pieces"]) != ""
+        assert together["finish_reason"] == single["finish_reason"] == "length"
+        assert together["tokens"] == single["tokens"] == limit
+    # The reference: plain transformers generate on one prompt.
+    reference = engine.model.generate(torch.tensor([prompts[1]]), max_new_tokens=limits[1], do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)
+    assert "".join(batched[1]["pieces"]) == tokenizer.decode(reference[0, len(prompts[1]):], skip_special_tokens=True)
+
+
+def test_text_streams_in_whole_characters_and_ends_at_eos(tokenizer):
+    text = "你好龘😀 ok! é"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    # The rare character, the emoji and é are each split over byte tokens.
+    assert any("\ufffd" in tokenizer.decode(tokens[:cut]) for cut in range(1, len(tokens)))
+    engine = serve.Engine(scripted(tokenizer, tokens + [tokenizer.eos_token_id] + tokens), tokenizer)
+    events = []
+    engine.run([job(tokenizer.encode("hi", add_special_tokens=False), 100, events)])
+    (reply,) = replies(events, 1)
+    assert "".join(reply["pieces"]) == text
+    assert not any("\ufffd" in piece for piece in reply["pieces"]) and len(reply["pieces"]) > 1
+    assert reply["finish_reason"] == "stop" and reply["tokens"] == len(tokens) + 1
+
+
+@pytest.mark.parametrize("stop, expected", [(("wor",), " hello "), (("lo w", "again"), " hel"),
+                                            (("xyz", " again"), " hello world")])
+def test_stop_strings_end_the_reply_and_are_never_sent(tokenizer, stop, expected):
+    tokens = tokenizer.encode(" hello world again and again", add_special_tokens=False)
+    language_model = scripted(tokenizer, tokens)
+    engine = serve.Engine(language_model, tokenizer)
+    events = []
+    engine.run([job(tokenizer.encode("hi", add_special_tokens=False), 50, events, stop=stop)])
+    (reply,) = replies(events, 1)
+    assert "".join(reply["pieces"]) == expected and reply["finish_reason"] == "stop"
+    # Generation ended on the token that completed the stop string, not at the limit.
+    completing = next(count for count in range(1, len(tokens) + 1)
+                      if any(text in tokenizer.decode(tokens[:count]) for text in stop))
+    assert reply["tokens"] == len(language_model.calls) == completing
+
+
+def test_presence_and_frequency_penalties_count_the_reply_only():
+    prompt_width = 2
+    input_ids = torch.tensor([[5, 6, 7, 7, 8], [7, 7, 5, 0, 0]])
+    penalty = serve.PresenceFrequencyPenalty([0.5, 1.0], [0.25, 0.0], prompt_width)
+    scores = penalty(input_ids, torch.zeros(2, 10))
+    expected = torch.zeros(2, 10)
+    expected[0, 7], expected[0, 8] = -(0.5 + 2 * 0.25), -(0.5 + 0.25)
+    expected[1, 5], expected[1, 0] = -1.0, -1.0
+    torch.testing.assert_close(scores, expected)
+
+
+def test_sampling_settings_and_limits_are_checked():
+    with pytest.raises(serve.RequestError, match="temperature"):
+        serve.checked_sampling(serve.ChatRequest(messages=[], temperature=-0.1))
+    with pytest.raises(serve.RequestError, match="stop"):
+        serve.checked_sampling(serve.ChatRequest(messages=[], stop=["a", ""]))
+    sampling, stop, max_tokens = serve.checked_sampling(serve.ChatRequest(messages=[], temperature=0, top_p=0.5,
+                                                                          stop="x", max_completion_tokens=7))
+    assert sampling == serve.Sampling(do_sample=False) and stop == ("x",) and max_tokens == 7
+    assert serve.token_limit(10, None, 64, "messages") == 54
+    with pytest.raises(serve.RequestError, match="context"):
+        serve.token_limit(64, None, 64, "messages")
+    assert serve.partial_stop_length("say hel", ("hello", "l")) == 3
+
+
+def test_bad_command_line_exits_2(tmp_path, monkeypatch, capsys):
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        for bad in (["--model", str(tmp_path / "missing"), "--port", "0"],
+                    ["--model", str(tmp_path), "--port", "70000"],
+                    ["--model", str(tmp_path), "--max-batch-size", "0"],
+                    ["--model", str(tmp_path), "--port", str(busy.getsockname()[1])]):
+            monkeypatch.setattr(sys, "argv", ["serve.py", *bad])
+            with pytest.raises(SystemExit) as exit_info:
+                serve.main()
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    finally:
+        busy.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One live server for the rest of the module.
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def post(url: str, body: bytes | dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("serve") / "model"
+    random_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(folder),
+                                "--port", str(port), "--api-key", API_KEY, "--model-name", "tiny", "--threads", "1"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                get_json(f"{url}/health")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught.
+    errors = process.stderr.read()
+    assert process.returncode in (0, -signal.SIGTERM) and "Traceback" not in errors, errors
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def ask(client, content: str, **fields):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                          **{"temperature": 0, "max_tokens": 8, **fields})
+
+
+@pytest.mark.slow
+def test_openai_client_chat_streamed_and_not(client, tokenizer):
+    assert [model.id for model in client.models.list()] == ["tiny"]
+    answer = ask(client, "你好")
+    choice = answer.choices[0]
+    prompt = chat_ids(tokenizer, "你好")
+    reference = random_model(tokenizer).generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                                 pad_token_id=tokenizer.pad_token_id)
+    assert choice.message.content == tokenizer.decode(reference[0, len(prompt):], skip_special_tokens=True)
+    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), 8)
+    assert answer.model == "tiny" and answer.id.startswith("chatcmpl-") and answer.object == "chat.completion"
+
+    chunks = list(ask(client, "你好", stream=True, stream_options={"include_usage": True}))
+    deltas = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    assert "".join(deltas) == choice.message.content and len(deltas) > 1
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == len(prompt)
+    assert len({chunk.id for chunk in chunks}) == 1
+
+    # A stop string taken from the middle of the greedy reply cuts it there.
+    text = choice.message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = ask(client, "你好", stop=[stop]).choices[0]
+    assert stopped.message.content == text[:text.find(stop)] and stopped.finish_reason == "stop"
+    # The same seed samples the same reply.
+    sampled = [ask(client, "hello", temperature=1.0, seed=7, max_tokens=6).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.slow
+def test_openai_client_completions_streamed_and_not(client, tokenizer):
+    completion = client.completions.create(model="tiny", prompt=["Once upon a time", "从前有座山"], max_tokens=5,
+                                           temperature=0)
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert all(choice.finish_reason == "length" and choice.text for choice in completion.choices)
+    assert completion.usage.completion_tokens == 10
+    assert completion.usage.prompt_tokens == sum(len(tokenizer.encode(text, add_special_tokens=False))
+                                                 for text in ("Once upon a time", "从前有座山"))
+    streamed = list(client.completions.create(model="tiny", prompt="从前有座山", max_tokens=5, temperature=0,
+                                              stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[1].text
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
+    chat = f"{server}/v1/chat/completions"
+    user = [{"role": "user", "content": "hi"}]
+    cases = [
+        (b'{"messages": [', 400, None),
+        ({"messages": user, "temperature": "hot"}, 422, "temperature"),
+        ({"messages": [{"role": "user", "content": 5}]}, 422, "messages[0].content"),
+        ({"messages": user, "logit_bias": {"5": 1}}, 422, "logit_bias"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": user, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": user, "max_tokens": CONTEXT}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi " * CONTEXT}]}, 400, "messages"),
+        ({"messages": user, "temperature": -0.5}, 400, "temperature"),
+        ({"messages": user, "n": 2}, 400, "n"),
+    ]
+    for body, status, param in cases:
+        code, reply = post(chat, body)
+        assert code == status and set(reply["error"]) == {"message", "type", "param", "code"}, (body, reply)
+        assert reply["error"]["param"] == param and reply["error"]["message"], (body, reply)
+    code, reply = post(f"{server}/v1/completions", {"prompt": "word " * CONTEXT})
+    assert code == 400 and reply["error"]["code"] == "context_length_exceeded"
+
+    for key in (None, "wrong"):
+        code, reply = post(chat, {"messages": user}, key=key)
+        assert code == 401 and reply["error"]["type"] == "authentication_error"
+    assert get_json(f"{server}/health")["api_key_required"] is True
+    with urllib.request.urlopen(server, timeout=10) as page:
+        assert page.status == 200 and "text/html" in page.headers["content-type"]
+
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.UnprocessableEntityError):
+        ask(client, "hi", max_tokens="many")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+    assert ask(client, "hi").choices[0].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_concurrent_clients_are_batched_and_answer_as_alone(server, client):
+    questions = [f"question {index}: " + "why? " * (index % 5) for index in range(16)]
+    alone = [ask(client, question).choices[0].message.content for question in questions[:4]]
+    before = get_json(f"{server}/health")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda question: ask(client, question), questions))
+    after = get_json(f"{server}/health")
+    assert all(answer.choices[0].finish_reason == "length" for answer in together)
+    assert [answer.choices[0].message.content for answer in together[:4]] == alone
+    assert after["completed"] - before["completed"] == 16 and after["batches"] - before["batches"] < 16
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_stops_its_generation(server):
+    before = get_json(f"{server}/health")
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.rsplit(":", 1)[1]), timeout=30)
+    connection.request("POST", "/v1/chat/completions",
+                       json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0}),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200
+    # The role chunk comes at once; the first text means generation is running.
+    while not (line := response.readline()).startswith(b"data: {") \
+            or not json.loads(line[6:])["choices"][0]["delta"].get("content"):
+        pass
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 20
+    while (health := get_json(f"{server}/health"))["completed"] == before["completed"]:
+        assert time.monotonic() < deadline, "the abandoned generation did not stop"
+        time.sleep(0.1)
+    # Without a stop it would have run to the context's end (about 4,000 tokens).
+    assert health["generated_tokens"] - before["generated_tokens"] < CONTEXT // 4
+
+
+def browser():
+    """Headless Chromium through selenium, or None where neither Chromium nor its driver is installed."""
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        return None
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.slow
+def test_chat_page_in_a_real_browser_streams_a_reply(server, client):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    if driver is None:
+        pytest.skip("no Chromium with chromedriver found (Debian: apt-get install chromium chromium-driver)")
+    try:
+        driver.get(server)
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda page: "tiny" in page.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "key-panel").is_displayed()
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        for field, value in (("temperature", "0"), ("max-tokens", "8")):
+            element = driver.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        driver.find_element(By.ID, "prompt").send_keys("你好")
+        driver.find_element(By.ID, "send").click()
+        reply = wait.until(lambda page: page.find_element(By.CSS_SELECTOR, ".message.assistant[data-done]"))
+        assert reply.get_attribute("data-finish-reason") == "length"
+        assert int(reply.get_attribute("data-chunks")) > 1
+        assert reply.text == ask(client, "你好").choices[0].message.content.strip()
+        assert not driver.find_elements(By.CSS_SELECTOR, ".message.error")
+    finally:
+        driver.quit()
