@@ -5,6 +5,7 @@ sequence token. `--prompt` answers once and exits (no prompt shown), for scripts
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,13 +18,24 @@ from utils.errors import InputError, error_summary, exit_on_input_error
 from utils.logger import quiet_transformers
 
 
+def tokenizer_folder(path: Path) -> Path:
+    """Where a model folder's tokenizer is: in the folder, or for a LoRA adapter saved alone (`final/adapter/`) in
+    the run's `final/` around it, else in the base model folder the adapter names."""
+    if (path / "tokenizer_config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return path
+    if (path.parent / "tokenizer_config.json").is_file():
+        return path.parent
+    base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return Path(base) if base else path
+
+
 def load(folder: str):
     path = Path(folder)
     if not path.is_dir():
         raise InputError(f"model folder not found: {path}")
     language_model = load_model_folder(path, AutoModelForCausalLM)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
     except Exception as error:  # any failure to read the folder means the same to the user
         raise InputError(f"cannot load the tokenizer from {path}: {error_summary(error)}") from None
     if not tokenizer.chat_template:

@@ -159,6 +159,24 @@ def test_sampling_settings_and_limits_are_checked():
     assert serve.partial_stop_length("say hel", ("hello", "l")) == 3
 
 
+def test_loads_a_lora_adapter_folder_on_its_base(tmp_path, tokenizer):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base_folder = tmp_path / "base"
+    random_model(tokenizer).save_pretrained(base_folder)
+    tokenizer.save_pretrained(base_folder)
+    adapted = get_peft_model(ByteModel.from_pretrained(base_folder), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_(adapted.base_model.model.model.layers[0].self_attn.q_proj.lora_B)
+    adapted.save_pretrained(tmp_path / "run" / "adapter")
+    # The adapter folder alone: no tokenizer in it or around it, only its base model's.
+    language_model, loaded_tokenizer = serve.load(str(tmp_path / "run" / "adapter"))
+    reference = PeftModel.from_pretrained(ByteModel.from_pretrained(base_folder), tmp_path / "run" / "adapter")
+    prompt = torch.tensor([chat_ids(tokenizer, "hi")])
+    torch.testing.assert_close(language_model(prompt).logits, reference.eval()(prompt).logits)
+    assert not torch.allclose(language_model(prompt).logits, random_model(tokenizer)(prompt).logits)
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+
+
 def test_bad_command_line_exits_2(tmp_path, monkeypatch, capsys):
     busy = socket.create_server(("127.0.0.1", 0))
     try:
