@@ -1,22 +1,29 @@
-"""StellarByte model package. Importing it registers `stellarbyte` with transformers' Auto classes."""
+"""StellarByte model package. Importing it registers `stellarbyte` with transformers' Auto classes.
+
+Modules import each other relatively, and the config and model classes are registered for the Auto classes, so that
+`save_pretrained` copies this code beside the weights with an `auto_map`: every saved folder then loads with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` where this project is not installed."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from model.attention import ByteAttention, repeat_kv
-from model.compat import CACHE_FIELD, enable_activation_checkpointing
-from model.config import ByteModelConfig
-from model.decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
-from model.mlp import ByteMLP
-from model.modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
-                            build_attention_mask, count_targets)
-from model.moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
-                       moe_layers, update_expert_bias)
-from model.norm import ByteRMSNorm
-from model.rope import ByteDynamicRoPE, apply_rotary_pos_emb, rotate_half
+from .attention import ByteAttention, repeat_kv
+from .compat import CACHE_FIELD, enable_activation_checkpointing
+from .config import ByteModelConfig
+from .decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
+from .mlp import ByteMLP
+from .modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
+                       build_attention_mask, count_targets)
+from .moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
+                  moe_layers, update_expert_bias)
+from .norm import ByteRMSNorm
+from .rope import ByteDynamicRoPE, apply_rotary_pos_emb, rotate_half
 
 AutoConfig.register(ByteModelConfig.model_type, ByteModelConfig, exist_ok=True)
 AutoModel.register(ByteModelConfig, ByteBaseModel, exist_ok=True)
 AutoModelForCausalLM.register(ByteModelConfig, ByteModel, exist_ok=True)
+ByteModelConfig.register_for_auto_class("AutoConfig")
+ByteBaseModel.register_for_auto_class("AutoModel")
+ByteModel.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from model.config import ByteModelConfig
-from model.rope import DynamicRoPEInputs, apply_rotary_pos_emb, rotate
+from .config import ByteModelConfig
+from .rope import DynamicRoPEInputs, apply_rotary_pos_emb, rotate
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:

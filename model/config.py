@@ -4,7 +4,7 @@ from typing import Literal
 
 from transformers import PretrainedConfig
 
-from model.compat import SEED_NAMES
+from .compat import SEED_NAMES
 
 ROPE_TYPES = ("default", "dynamic")
 LLAMA_FAMILY = ("stellarbyte", "llama", "mixtral")  # model types whose weights and shapes ByteModel shares

@@ -5,12 +5,12 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from model.attention import ByteAttention
-from model.config import ByteModelConfig
-from model.mlp import ByteMLP
-from model.moe import ByteMoELayer
-from model.norm import ByteRMSNorm
-from model.rope import DynamicRoPEInputs
+from .attention import ByteAttention
+from .config import ByteModelConfig
+from .mlp import ByteMLP
+from .moe import ByteMoELayer
+from .norm import ByteRMSNorm
+from .rope import DynamicRoPEInputs
 
 
 class ByteDropPath(nn.Module):

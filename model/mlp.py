@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ByteModelConfig
+from .config import ByteModelConfig
 
 
 class ByteMLP(nn.Module):

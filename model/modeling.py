@@ -11,14 +11,14 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-from model.attention import ByteAttention
-from model.compat import CACHE_FIELD
-from model.config import ByteModelConfig
-from model.decoder_layer import ByteDecoderLayer, ByteLayerScale
-from model.mlp import ByteMLP
-from model.moe import ByteExperts, ByteMoELayer, ByteRouter
-from model.norm import ByteRMSNorm
-from model.rope import ByteDynamicRoPE, DynamicRoPEInputs
+from .attention import ByteAttention
+from .compat import CACHE_FIELD
+from .config import ByteModelConfig
+from .decoder_layer import ByteDecoderLayer, ByteLayerScale
+from .mlp import ByteMLP
+from .moe import ByteExperts, ByteMoELayer, ByteRouter
+from .norm import ByteRMSNorm
+from .rope import ByteDynamicRoPE, DynamicRoPEInputs
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,

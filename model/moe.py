@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.compat import GROUPED_MM
-from model.config import ByteModelConfig
-from model.mlp import ByteMLP
+from .compat import GROUPED_MM
+from .config import ByteModelConfig
+from .mlp import ByteMLP
 
 
 

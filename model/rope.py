@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.config import ByteModelConfig
+from .config import ByteModelConfig
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -137,6 +137,8 @@ def test_to_dict_and_save_load_round_trip(tmp_path):
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert on_disk["model_type"] == "stellarbyte"
     assert on_disk["hidden_size"] == 64 and on_disk["num_key_value_heads"] == 2
+    # The class is registered for AutoConfig: its code goes beside config.json (loadable without this project).
+    assert on_disk["auto_map"] == {"AutoConfig": "config.ByteModelConfig"} and (tmp_path / "config.py").is_file()
     loaded = ByteModelConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ByteModelConfig)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -144,7 +146,7 @@ def test_to_dict_and_save_load_round_trip(tmp_path):
                 "parallel_residual", "layer_scale_init", "drop_path_rate", "tie_word_embeddings", "pad_token_id",
                 "bos_token_id", "eos_token_id"):
         assert getattr(loaded, key) == getattr(config, key), key
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("_name_or_path", "transformers_version", "auto_map")}
     assert strip(loaded.to_dict()) == strip(as_dict)
 
 

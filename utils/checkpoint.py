@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 from utils.distributed import DistributedContext, all_gather_objects, barrier, unwrap_model
 from utils.errors import InputError, error_summary
@@ -70,6 +71,20 @@ def load_starting_model(folder: str) -> nn.Module:
     except ValueError as error:
         raise InputError(f"model.init_from: {error}") from None
     return model
+
+
+def save_model_folder(model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` of the model inside any wrapper: weights, config, generation config, and for a ByteModel its
+    code with an `auto_map`, so the folder loads with `trust_remote_code=True` where this project is not installed."""
+    plain = unwrap_model(model)
+    wrapped = type(plain)
+    # fully_shard swaps in a subclass defined inside torch, and save_pretrained copies the source file of the
+    # instance's class: for the save, the model is its own class again.
+    plain.__class__ = next(cls for cls in wrapped.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        plain.save_pretrained(folder, state_dict=state_dict)
+    finally:
+        plain.__class__ = wrapped
 
 
 def rng_state() -> dict[str, Any]:
@@ -143,7 +158,7 @@ class CheckpointManager:
             temporary = self.root / f".tmp-step_{step}"
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-            unwrap_model(model).save_pretrained(temporary, state_dict=model_state)
+            save_model_folder(model, temporary, model_state)
             torch.save(optimizer_state, temporary / "optimizer.pt")
             torch.save(rng_states, temporary / "rng_state.pt")
             (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
@@ -164,7 +179,7 @@ class CheckpointManager:
             temporary = self.root / ".tmp-best"
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir(parents=True)
-            unwrap_model(model).save_pretrained(temporary, state_dict=model_state)
+            save_model_folder(model, temporary, model_state)
             (temporary / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
             publish_folder(temporary, final)
         barrier(self.context)
@@ -190,7 +205,7 @@ class CheckpointManager:
                 plain.save_pretrained(temporary / "adapter")
                 plain, state_dict = plain.merge_and_unload(), None
             plain.generation_config = generation_config
-            plain.save_pretrained(temporary, state_dict=state_dict)
+            save_model_folder(plain, temporary, state_dict)
             tokenizer.save_pretrained(temporary)
             publish_folder(temporary, final)
             get_logger().info(f"final model written to {final}/ ({'best' if best.is_dir() else 'last'} weights)")
