@@ -304,6 +304,7 @@ class Engine:
             batch = [job for job in self.queue if job.batch_key == key][:self.max_batch_size]
             self.queue = [job for job in self.queue if job not in batch]
             self.running = len(batch)
+            self.batches += 1
             return batch
 
     def serve_forever(self) -> None:
@@ -323,7 +324,6 @@ class Engine:
         finally:
             with self.condition:
                 self.running = 0
-                self.batches += 1
                 self.jobs_done += len(jobs)
                 self.generated_tokens += sum(job.completion_tokens for job in jobs)
 
