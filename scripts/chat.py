@@ -14,19 +14,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
 from utils.checkpoint import load_model_folder
+from utils.config import read_yaml
 from utils.errors import InputError, error_summary, exit_on_input_error
 from utils.logger import quiet_transformers
 
 
 def tokenizer_folder(path: Path) -> Path:
-    """Where a model folder's tokenizer is: in the folder, or for a LoRA adapter saved alone (`final/adapter/`) in
-    the run's `final/` around it, else in the base model folder the adapter names."""
-    if (path / "tokenizer_config.json").is_file() or not (path / "adapter_config.json").is_file():
+    """Where a model folder's tokenizer is: in the folder; for a checkpoint (`checkpoints/step_<N>/`, `best/`), the
+    one its run trained with (`data.tokenizer` in the step's or the run's `config.yaml`); for a LoRA adapter saved
+    alone (`final/adapter/`), in the run's `final/` around it, else in the base model folder the adapter names."""
+    if (path / "tokenizer_config.json").is_file():
         return path
-    if (path.parent / "tokenizer_config.json").is_file():
-        return path.parent
-    base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    return Path(base) if base else path
+    run_configs = [path / "config.yaml"] + ([path.parent.parent / "config.yaml"]
+                                           if path.parent.name == "checkpoints" else [])
+    for run_config in filter(Path.is_file, run_configs):
+        tokenizer = (read_yaml(run_config).get("data") or {}).get("tokenizer")
+        if tokenizer:
+            return Path(tokenizer)
+    if (path / "adapter_config.json").is_file():
+        if (path.parent / "tokenizer_config.json").is_file():
+            return path.parent
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return Path(base) if base else path
+    return path
 
 
 def load(folder: str):

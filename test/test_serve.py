@@ -177,6 +177,18 @@ def test_loads_a_lora_adapter_folder_on_its_base(tmp_path, tokenizer):
     assert loaded_tokenizer.chat_template == tokenizer.chat_template
 
 
+def test_loads_checkpoints_with_their_runs_tokenizer(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    run_config = f"data:\n  tokenizer: {tmp_path / 'tokenizer'}\n"
+    # A step folder holds the run's config; best/ has only the model, and the run folder the config.
+    for checkpoint, config in (("step_5", "checkpoints/step_5/config.yaml"), ("best", "config.yaml")):
+        folder = tmp_path / "run" / "checkpoints" / checkpoint
+        random_model(tokenizer).save_pretrained(folder)
+        (tmp_path / "run" / config).write_text(run_config)
+        language_model, loaded_tokenizer = serve.load(str(folder))
+        assert type(language_model) is ByteModel and loaded_tokenizer.chat_template == tokenizer.chat_template
+
+
 def test_bad_command_line_exits_2(tmp_path, monkeypatch, capsys):
     busy = socket.create_server(("127.0.0.1", 0))
     try:
