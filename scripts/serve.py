@@ -174,12 +174,11 @@ class Job:
             self.sent = ready
 
     def finish(self, reason: str) -> None:
-        self.finish_reason = reason
         if self.streamer is not None:
             self.streamer.end()
-        if self.stopped_by_text:
-            reason = "stop"
-        self.sink((self.index, "end", reason, self.completion_tokens))
+        # The held-back text, released now, may complete a stop string.
+        self.finish_reason = "stop" if self.stopped_by_text else reason
+        self.sink((self.index, "end", self.finish_reason, self.completion_tokens))
 
 
 def partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
@@ -256,9 +255,9 @@ class Engine:
         self.eos_token_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos] if eos is not None
                                                           else [])}
         self.queue: list[Job] = []
+        self.batch: list[Job] = []
         self.condition = threading.Condition()
         self.closing = False
-        self.running = 0
         self.batches = 0
         self.jobs_done = 0
         self.generated_tokens = 0
@@ -271,7 +270,7 @@ class Engine:
     def stop(self) -> None:
         with self.condition:
             self.closing = True
-            for job in self.queue:
+            for job in self.queue + self.batch:
                 job.cancelled = True
             self.condition.notify()
         if self.thread is not None:
@@ -284,7 +283,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self.condition:
-            return {"queued": len(self.queue), "running": self.running, "batches": self.batches,
+            return {"queued": len(self.queue), "running": len(self.batch), "batches": self.batches,
                     "completed": self.jobs_done, "generated_tokens": self.generated_tokens}
 
     def next_batch(self) -> list[Job] | None:
@@ -303,7 +302,7 @@ class Engine:
             key = self.queue[0].batch_key
             batch = [job for job in self.queue if job.batch_key == key][:self.max_batch_size]
             self.queue = [job for job in self.queue if job not in batch]
-            self.running = len(batch)
+            self.batch = batch
             self.batches += 1
             return batch
 
@@ -323,7 +322,7 @@ class Engine:
                     job.sink((job.index, "error", f"generation failed: {error}"))
         finally:
             with self.condition:
-                self.running = 0
+                self.batch = []
                 self.jobs_done += len(jobs)
                 self.generated_tokens += sum(job.completion_tokens for job in jobs)
 
@@ -378,8 +377,9 @@ def checked_sampling(request: SamplingRequest) -> tuple[Sampling, tuple[str, ...
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > MAX_STOP_STRINGS or not all(stop):
         raise RequestError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop")
-    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
-    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    max_completion_tokens = getattr(request, "max_completion_tokens", None)
+    max_tokens, param = (request.max_tokens, "max_tokens") if max_completion_tokens is None \
+        else (max_completion_tokens, "max_completion_tokens")
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(f"{param} must be at least 1, got {max_tokens}", param)
     sampling = Sampling(do_sample=True, temperature=temperature, top_p=top_p, seed=request.seed) if temperature > 0 \

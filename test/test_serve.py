@@ -150,6 +150,8 @@ def test_sampling_settings_and_limits_are_checked():
         serve.checked_sampling(serve.ChatRequest(messages=[], temperature=-0.1))
     with pytest.raises(serve.RequestError, match="stop"):
         serve.checked_sampling(serve.ChatRequest(messages=[], stop=["a", ""]))
+    with pytest.raises(serve.RequestError, match="max_completion_tokens"):
+        serve.checked_sampling(serve.ChatRequest(messages=[], max_tokens=5, max_completion_tokens=0))
     sampling, stop, max_tokens = serve.checked_sampling(serve.ChatRequest(messages=[], temperature=0, top_p=0.5,
                                                                           stop="x", max_completion_tokens=7))
     assert sampling == serve.Sampling(do_sample=False) and stop == ("x",) and max_tokens == 7
