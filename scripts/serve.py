@@ -39,6 +39,7 @@ from utils.logger import quiet_transformers
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,6 +297,9 @@ class Engine:
         if wait > 0:
             time.sleep(wait)
         with self.condition:
+            for job in self.queue:
+                if job.cancelled:
+                    job.finish("cancelled")
             self.queue = [job for job in self.queue if not job.cancelled]
             if not self.queue:
                 return []
@@ -427,18 +431,13 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-class ClientGone(Exception):
-    pass
-
-
 class Conversation:
     """The jobs of one HTTP request and the queue their events arrive on, from the generation thread."""
 
-    def __init__(self, engine: Engine, http_request: Request, prompts: list[list[int]], max_tokens: int | None,
-                 sampling: Sampling, stop: tuple[str, ...], request: SamplingRequest, param: str):
+    def __init__(self, engine: Engine, prompts: list[list[int]], max_tokens: int | None, sampling: Sampling,
+                 stop: tuple[str, ...], request: SamplingRequest, param: str):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.http_request = http_request
         self.prompt_tokens = sum(len(prompt) for prompt in prompts)
 
         def sink(event: tuple) -> None:
@@ -452,24 +451,23 @@ class Conversation:
                      for index, prompt in enumerate(prompts)]
         self.engine = engine
 
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancelled = True
+
     async def __aiter__(self) -> AsyncIterator[tuple]:
-        """Every job's events until each has ended; the jobs are cancelled if the client leaves or this stops early."""
+        """Every job's events until each has ended. A stream's client that leaves cancels this iteration (Starlette
+        watches the connection while it streams): the jobs are cancelled with it."""
         self.engine.submit(self.jobs)
         open_jobs = len(self.jobs)
         try:
             while open_jobs:
-                try:
-                    event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await self.http_request.is_disconnected():
-                        raise ClientGone from None
-                    continue
+                event = await self.events.get()
                 if event[1] in ("end", "error"):
                     open_jobs -= 1
                 yield event
         finally:
-            for job in self.jobs:
-                job.cancelled = True
+            self.cancel()
 
 
 class RequireKey:
@@ -554,7 +552,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     async def chat_completions(body: ChatRequest, http_request: Request):
         sampling, stop, max_tokens = checked_sampling(body)
         prompt = chat_prompt(engine.tokenizer, body.messages)
-        conversation = Conversation(engine, http_request, [prompt], max_tokens, sampling, stop, body, "messages")
+        conversation = Conversation(engine, [prompt], max_tokens, sampling, stop, body, "messages")
         completion_id, now = new_id("chatcmpl"), int(time.time())
         head = {"id": completion_id, "created": now, "model": model_id, "system_fingerprint": None}
         if body.stream:
@@ -581,7 +579,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        text, finish_reason, completion_tokens = await collected(conversation)
+        text, finish_reason, completion_tokens = await collected(conversation, http_request)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text[0]}, "logprobs": None,
                              "finish_reason": finish_reason[0]}],
@@ -594,7 +592,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         if not texts or not all(texts):
             raise RequestError("prompt must be a non-empty string or a list of them", "prompt")
         prompts = [engine.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-        conversation = Conversation(engine, http_request, prompts, max_tokens, sampling, stop, body, "prompt")
+        conversation = Conversation(engine, prompts, max_tokens, sampling, stop, body, "prompt")
         completion_id, now = new_id("cmpl"), int(time.time())
         head = {"id": completion_id, "object": "text_completion", "created": now, "model": model_id,
                 "system_fingerprint": None}
@@ -617,7 +615,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        texts, finish_reasons, completion_tokens = await collected(conversation)
+        texts, finish_reasons, completion_tokens = await collected(conversation, http_request)
         return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}
                                     for index, (text, reason) in enumerate(zip(texts, finish_reasons))],
                 "usage": usage(conversation.prompt_tokens, completion_tokens)}
@@ -625,8 +623,16 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     return app
 
 
-async def collected(conversation: Conversation) -> tuple[list[str], list[str], int]:
-    """Each job's whole text and finish reason, and the tokens generated in all."""
+async def collected(conversation: Conversation, http_request: Request) -> tuple[list[str], list[str], int]:
+    """Each job's whole text and finish reason, and the tokens generated in all. The jobs are cancelled if the client
+    leaves before they end."""
+
+    async def watch() -> None:
+        while not await http_request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        conversation.cancel()
+
+    watcher = asyncio.create_task(watch())
     texts, reasons, completion_tokens = [""] * len(conversation.jobs), [""] * len(conversation.jobs), 0
     try:
         async for event in conversation:
@@ -636,8 +642,8 @@ async def collected(conversation: Conversation) -> tuple[list[str], list[str], i
                 reasons[event[0]], completion_tokens = event[2], completion_tokens + event[3]
             else:
                 raise RequestError(event[2], None, None, 500, "server_error")
-    except ClientGone:
-        raise RequestError("the client disconnected", None, None, 499) from None
+    finally:
+        watcher.cancel()
     return texts, reasons, completion_tokens
 
 

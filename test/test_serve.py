@@ -377,18 +377,26 @@ def test_concurrent_clients_are_batched_and_answer_as_alone(server, client):
 
 
 @pytest.mark.slow
-def test_a_client_that_disconnects_stops_its_generation(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(server, stream):
     before = get_json(f"{server}/health")
     connection = http.client.HTTPConnection("127.0.0.1", int(server.rsplit(":", 1)[1]), timeout=30)
     connection.request("POST", "/v1/chat/completions",
-                       json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0}),
+                       json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                                   "temperature": 0}),
                        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-    response = connection.getresponse()
-    assert response.status == 200
-    # The role chunk comes at once; the first text means generation is running.
-    while not (line := response.readline()).startswith(b"data: {") \
-            or not json.loads(line[6:])["choices"][0]["delta"].get("content"):
-        pass
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200
+        # The role chunk comes at once; the first text means generation is running.
+        while not (line := response.readline()).startswith(b"data: {") \
+                or not json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            pass
+    else:
+        deadline = time.monotonic() + 20
+        while get_json(f"{server}/health")["running"] == 0:
+            assert time.monotonic() < deadline, "generation did not start"
+            time.sleep(0.05)
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
     deadline = time.monotonic() + 20
