@@ -9,7 +9,6 @@ sampling settings differ run in separate batches.
 import argparse
 import asyncio
 import dataclasses
-import itertools
 import json
 import secrets
 import socket
@@ -489,7 +488,7 @@ class RequireKey:
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app around a started-on-demand `engine`; `api_key` guards every `/v1/` route."""
+    """The FastAPI app serving `engine` (which starts and stops with the app); `api_key` guards every `/v1/` route."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -501,7 +500,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key)
     created = int(time.time())
-    counter = itertools.count()
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> JSONResponse:
@@ -526,6 +524,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
             message = f"{param}: {', or '.join(reasons)}" if param else ", or ".join(reasons)
         return error_response(RequestError(message, param, errors[0].get("type"), status=422))
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        return error_response(RequestError(f"internal error: {error}", None, None, 500, "server_error"))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
@@ -546,7 +548,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
                                             "owned_by": "stellarbyte"}]}
 
     def new_id(prefix: str) -> str:
-        return f"{prefix}-{uuid.uuid4().hex[:24]}{next(counter)}"
+        return f"{prefix}-{uuid.uuid4().hex}"
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: Request):
