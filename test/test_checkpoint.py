@@ -1,17 +1,28 @@
 """utils/checkpoint.py through the engine: damaged and incompatible checkpoints are refused and the previous one
-used, explicit and missing resume paths, a fresh start never overwrites checkpoints, pruning keeps what it wrote."""
+used, explicit and missing resume paths, a fresh start never overwrites checkpoints, pruning keeps what it wrote;
+every saved model folder carries its code and loads where this project is not installed."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import GenerationConfig
 
+from helpers import ROOT, randomize_, tiny_config
+from model import ByteModel
 from training import fit, make_config, read_metrics, step_folders, stop_before_call, tree_digest
-from utils.checkpoint import resume_mismatch
-from utils.config import TrainingConfig, config_to_dict
+from utils.checkpoint import CheckpointManager, resume_mismatch
+from utils.config import LoraSection, TrainingConfig, config_to_dict
+from utils.distributed import DistributedContext
 from utils.errors import InputError
+from utils.lora import add_lora
 
 pytestmark = pytest.mark.slow  # every test here runs a whole training
 
@@ -131,3 +142,109 @@ def test_a_key_added_since_the_checkpoint_counts_as_its_default():
     assert resume_mismatch(saved, current, defaults) is None
     current["model"]["attention_bias"] = True
     assert resume_mismatch(saved, current, defaults) == "model.attention_bias was False, this run has True"
+
+
+# ---------------------------------------------------------------- folders that carry their code
+
+# Runs in a fresh interpreter that cannot import this project: the repository is off sys.path and the editable
+# install's finder is gone, so only the code saved in each folder (auto_map) can build the model.
+CLEAN_LOADER = r"""
+import importlib.util, json, sys
+root = sys.argv[1]
+sys.meta_path[:] = [finder for finder in sys.meta_path if "__editable__" not in getattr(finder, "__module__", "")]
+sys.path[:] = [entry for entry in sys.path if entry not in ("", ".", root)]
+assert importlib.util.find_spec("model") is None and importlib.util.find_spec("utils") is None
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+request = json.loads(sys.stdin.read())
+results = {}
+for folder in request["folders"]:
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = loaded(torch.tensor([request["input_ids"]])).logits[0]
+    results[folder] = {"logits": logits.tolist(), "config_class": type(config).__name__,
+                       "model_class": type(loaded).__name__, "module": type(loaded).__module__}
+harness = HFLM(pretrained=request["harness_folder"], trust_remote_code=True, device="cpu", dtype="float32",
+               batch_size=1)
+pair = Instance(request_type="loglikelihood", doc={}, arguments=tuple(request["pair"]), idx=0)
+results["harness"] = harness.loglikelihood([pair], disable_tqdm=True)[0][0]
+assert importlib.util.find_spec("model") is None and "model" not in sys.modules
+print(json.dumps(results))
+"""
+CODE_FILES = ["attention.py", "compat.py", "config.py", "decoder_layer.py", "mlp.py", "modeling.py", "moe.py",
+              "norm.py", "rope.py"]
+HARNESS_PAIR = ("def add(a, b):", "\n    return a + b")
+
+
+def test_saved_folders_load_with_their_own_code_where_the_project_is_not_installed(tmp_path, tokenizer):
+    """A checkpoint step folder, final/ of a mixture of experts with dynamic RoPE, and the merged final/ of a LoRA
+    run load with trust_remote_code=True in a process that cannot import this project, with the same logits; the
+    harness's HFLM loads final/ by path and scores a continuation as this project's model does."""
+    def build(**overrides) -> ByteModel:
+        torch.manual_seed(0)
+        return randomize_(ByteModel(tiny_config(vocab_size=len(tokenizer), **overrides))).eval()
+
+    input_ids = torch.randint(0, len(tokenizer), (24,), generator=torch.Generator().manual_seed(1))
+    generation = GenerationConfig(do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    expected, folders = {}, {}
+
+    dense = build(tie_word_embeddings=True)
+    manager = CheckpointManager(tmp_path / "dense", keep_last=1, context=DistributedContext())
+    folders["step"] = manager.save(1, dense, torch.optim.AdamW(dense.parameters()), {"step": 1}, {})
+    folders["final"] = manager.save_final(dense, tokenizer, generation, tmp_path / "dense" / "final")
+    expected["step"] = expected["final"] = dense
+
+    moe = build(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    manager = CheckpointManager(tmp_path / "moe", keep_last=1, context=DistributedContext())
+    folders["moe"] = manager.save_final(moe, tokenizer, generation, tmp_path / "moe" / "final")
+    expected["moe"] = moe
+
+    lora = add_lora(build(), LoraSection(rank=4, dropout=0.0, target_modules=["q_proj", "down_proj"])).eval()
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if ".lora_B." in name:  # zero at the start; a trained adapter is not
+                param.normal_(0.0, 0.1)
+    manager = CheckpointManager(tmp_path / "lora", keep_last=1, context=DistributedContext())
+    with torch.no_grad():
+        lora_logits = lora(input_ids[None]).logits[0]
+    folders["lora"] = manager.save_final(lora, tokenizer, generation, tmp_path / "lora" / "final")
+
+    for name, folder in folders.items():
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["auto_map"] == {"AutoConfig": "config.ByteModelConfig",
+                                     "AutoModelForCausalLM": "modeling.ByteModel"}, name
+        assert all((folder / file).is_file() for file in CODE_FILES), name
+    assert (folders["lora"] / "adapter").is_dir()
+
+    request = {"folders": [str(folder) for folder in folders.values()], "input_ids": input_ids.tolist(),
+               "harness_folder": str(folders["final"]), "pair": HARNESS_PAIR}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_MODULES_CACHE=str(tmp_path / "modules"))
+    done = subprocess.run([sys.executable, "-I", "-c", CLEAN_LOADER, str(ROOT)], input=json.dumps(request),
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+
+    with torch.no_grad():
+        for name, folder in folders.items():
+            result = results[str(folder)]
+            assert (result["config_class"], result["model_class"]) == ("ByteModelConfig", "ByteModel"), name
+            assert result["module"].startswith("transformers_modules."), name
+            reference = lora_logits if name == "lora" else expected[name](input_ids[None]).logits[0]
+            # The same code on the same weights; another thread count (and merging the adapter) rounds differently.
+            torch.testing.assert_close(torch.tensor(result["logits"]), reference, atol=1e-5, rtol=0.0)
+
+        context, continuation = HARNESS_PAIR
+        context_ids = tokenizer(context)["input_ids"]
+        whole = tokenizer(context + continuation)["input_ids"]
+        log_probs = torch.log_softmax(dense(torch.tensor([whole])).logits[0].double(), dim=-1)
+        score = sum(log_probs[position - 1, whole[position]] for position in range(len(context_ids), len(whole)))
+    assert abs(results["harness"] - float(score)) < 1e-4
