@@ -16,11 +16,15 @@ def tiny_model(tokenizer) -> ByteModel:
                                  eos_token_id=EOS))
 
 
-def argmax_continuation(model: ByteModel, ids: list[int], steps: int, eos: int) -> list[int]:
-    """Greedy decoding written out: a full forward per token, no cache, stop after the end token."""
+def argmax_continuation(model: ByteModel, ids: list[int], steps: int, eos: int, penalty: float = 1.0) -> list[int]:
+    """Greedy decoding written out: a full forward per token, no cache, stop after the end token; CTRL's penalty
+    divides a positive score (multiplies a negative one) of every token already in the text, prompt included."""
     new = []
     for _ in range(steps):
-        token = int(model(torch.tensor([ids + new]), use_cache=False).logits[0, -1].argmax())
+        scores = model(torch.tensor([ids + new]), use_cache=False).logits[0, -1]
+        seen = torch.tensor(sorted(set(ids + new)))
+        scores[seen] = torch.where(scores[seen] > 0, scores[seen] / penalty, scores[seen] * penalty)
+        token = int(scores.argmax())
         new.append(token)
         if token == eos:
             break
@@ -37,6 +41,18 @@ def test_samples_are_the_argmax_continuation_and_the_mode_is_kept(tokenizer):
         expected = argmax_continuation(model, ids, TOKENS, tokenizer.eos_token_id)
         assert sample == tokenizer.decode(expected, skip_special_tokens=True)
     assert greedy_samples(model, tokenizer, PROMPTS, TOKENS) == samples and not model.training
+
+
+def test_the_repetition_penalty_is_ctrls(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    # A random model's greedy text repeats itself within a few tokens, so the penalty changes it.
+    plain = greedy_samples(model, tokenizer, PROMPTS, 16)
+    penalized = greedy_samples(model, tokenizer, PROMPTS, 16, repetition_penalty=1.5)
+    assert penalized != plain
+    for prompt, sample in zip(PROMPTS, penalized):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        expected = argmax_continuation(model, ids, 16, tokenizer.eos_token_id, penalty=1.5)
+        assert sample == tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_chat_samples_are_replies_to_a_user_turn(tokenizer):

@@ -404,6 +404,7 @@ def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, ca
     ("train", "micro_batch_size", 0, "train.micro_batch_size"),
     ("train", "max_steps", 0, "train.max_steps"),
     ("optim", "min_lr", 1.0, "optim.min_lr"),
+    ("logging", "sample_repetition_penalty", 0.0, "logging.sample_repetition_penalty must be > 0"),
 ])
 def test_trainer_checks_the_config_up_front(tmp_path, cache_dir, section, key, value, message):
     with pytest.raises(InputError, match=message):

@@ -293,6 +293,7 @@ class LoggingSection:
     project: str = "stellarbyte"
     plots: bool = True  # redraw out_dir/plots/ from metrics.jsonl at every evaluation and at the end
     sample_tokens: int = 48  # length of the samples of eval.sample_prompts
+    sample_repetition_penalty: float = 1.2  # divides the scores of tokens already in a sample; 1 = plain greedy
 
 
 @dataclass
@@ -344,6 +345,9 @@ def check_training_config(config: TrainingConfig) -> None:
             raise InputError(f"{key} must be >= 1, got {getattr(getattr(config, section), name)}")
     if config.train.max_steps is not None and config.train.max_steps < 1:
         raise InputError(f"train.max_steps must be >= 1 or null, got {config.train.max_steps}")
+    penalty = config.logging.sample_repetition_penalty
+    if penalty <= 0:
+        raise InputError(f"logging.sample_repetition_penalty must be > 0, got {penalty}")
     if not 0 <= config.optim.min_lr <= config.optim.lr:
         raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
     lora = config.lora

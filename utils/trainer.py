@@ -298,8 +298,9 @@ class Trainer:
         prompts = self.config.eval.sample_prompts
         if not prompts:
             return
-        samples = greedy_samples(model, self.tokenizer, prompts, self.config.logging.sample_tokens,
-                                 chat=self.task.chat_sample)
+        logging = self.config.logging
+        samples = greedy_samples(model, self.tokenizer, prompts, logging.sample_tokens, chat=self.task.chat_sample,
+                                 repetition_penalty=logging.sample_repetition_penalty)
         if self.context.is_main:
             self.metrics.write_samples(self.state.step, prompts, samples, final)
             for prompt, sample in zip(prompts, samples):
