@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig
 
 from helpers import ROOT, randomize_, tiny_config
 from model import ByteModel
 from training import fit, make_config, read_metrics, step_folders, stop_before_call, tree_digest
-from utils.checkpoint import CheckpointManager, resume_mismatch
+from utils.checkpoint import CheckpointManager, resume_mismatch, save_model_folder
 from utils.config import LoraSection, TrainingConfig, config_to_dict
 from utils.distributed import DistributedContext
 from utils.errors import InputError
@@ -248,3 +249,17 @@ def test_saved_folders_load_with_their_own_code_where_the_project_is_not_install
         log_probs = torch.log_softmax(dense(torch.tensor([whole])).logits[0].double(), dim=-1)
         score = sum(log_probs[position - 1, whole[position]] for position in range(len(context_ids), len(whole)))
     assert abs(results["harness"] - float(score)) < 1e-4
+
+
+def test_a_sharded_model_is_saved_as_its_own_class(tmp_path):
+    """fully_shard gives the model a subclass defined inside torch (as made here, without a process group); the
+    folder must name and carry the model's own code, and the model keeps its sharded class afterwards."""
+    model = ByteModel(tiny_config())
+    sharded_class = type(f"FSDP{ByteModel.__name__}", (FSDPModule, ByteModel), {})
+    model.__class__ = sharded_class
+    save_model_folder(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling.ByteModel"
+    assert saved["architectures"] == ["ByteModel"]
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == CODE_FILES
+    assert type(model) is sharded_class
