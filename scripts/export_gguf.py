@@ -45,8 +45,6 @@ def check_out(out: Path, force: bool) -> None:
         raise InputError(f"--out {out} is a folder; name the .gguf file to write")
     if out.exists() and not force:
         raise InputError(f"--out {out} exists; pass --force to replace it")
-    if not out.resolve().parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.resolve().parent} does not exist")
 
 
 def check_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> dict:
@@ -186,6 +184,7 @@ def write_file(writer: gguf.GGUFWriter, out: Path) -> None:
     # The gguf writer opens its file by name, so the temporary name is handed to it.
     temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         writer.write_header_to_file(path=temporary)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
