@@ -1,4 +1,4 @@
-"""Export a saved ByteModel as one GGUF file for llama.cpp and the tools built on it (ollama, LM Studio):
+"""Export a saved ByteModel as one GGUF file for llama.cpp and the programs built on it (ollama, LM Studio):
 `python scripts/export_gguf.py --model DIR --out FILE [--dtype f32|f16|bf16|q8_0] [--tokenizer DIR] [--force]`.
 
 The model goes in as llama.cpp's Llama architecture (a mixture of experts as its Mixtral layout: Llama with expert
