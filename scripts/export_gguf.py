@@ -47,9 +47,8 @@ def check_out(out: Path, force: bool) -> None:
         raise InputError(f"--out {out} exists; pass --force to replace it")
 
 
-def check_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> dict:
-    """The tokenizer's tokenizer.json, once it is known to split and encode text as llama.cpp's gpt-2 pre-tokenizer
-    with byte-level BPE does."""
+def check_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> None:
+    """Refuse a tokenizer that llama.cpp's gpt-2 pre-tokenizer with byte-level BPE would not reproduce."""
     if tokenizer is None:
         raise InputError(f"{folder} has no tokenizer.json, and a GGUF file needs one: export final/, or pass "
                          f"--tokenizer with the run's tokenizer folder")
@@ -63,7 +62,6 @@ def check_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase | None, voc
                          f"{(normalizer or {}).get('type')}): llama.cpp would split text differently")
     if len(tokenizer) > vocab_size:
         raise InputError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {vocab_size}")
-    return spec
 
 
 def vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
