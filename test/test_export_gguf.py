@@ -125,8 +125,10 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     for layer in range(config.num_hidden_layers):
         block = f"blk.{layer}."
         tensors.update({block + "attn_norm.weight": (hidden,), block + "ffn_norm.weight": (hidden,),
-                        block + "attn_q.weight": (heads * head_dim, hidden), block + "attn_k.weight": (kv * head_dim, hidden),
-                        block + "attn_v.weight": (kv * head_dim, hidden), block + "attn_output.weight": (hidden, heads * head_dim)})
+                        block + "attn_q.weight": (heads * head_dim, hidden),
+                        block + "attn_k.weight": (kv * head_dim, hidden),
+                        block + "attn_v.weight": (kv * head_dim, hidden),
+                        block + "attn_output.weight": (hidden, heads * head_dim)})
         if config.attention_bias:
             tensors.update({block + "attn_q.bias": (heads * head_dim,), block + "attn_k.bias": (kv * head_dim,),
                             block + "attn_v.bias": (kv * head_dim,), block + "attn_output.bias": (hidden,)})
@@ -290,7 +292,8 @@ def continuations(exported, tokenizer) -> dict[str, list[tuple[list[int], list[i
     """name -> (prompt, this project's greedy continuation) for two chats and three plain texts."""
     chats = [tokenizer.apply_chat_template(turns[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
              for turns in (TWO_TURNS, MULTI_TURNS)]
-    prompts = chats + [tokenizer(text)["input_ids"] for text in ("从前有一座山，", "The quick brown fox", "def add(a, b):\n")]
+    texts = ("从前有一座山，", "The quick brown fox", "def add(a, b):\n")
+    prompts = chats + [tokenizer(text)["input_ids"] for text in texts]
     return {name: [(prompt, our_greedy(exported[name][0], prompt)) for prompt in prompts] for name in CASES}
 
 
