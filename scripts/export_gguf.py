@@ -23,7 +23,6 @@ import os  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import gguf  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import PretrainedConfig, PreTrainedTokenizerBase  # noqa: E402
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from helpers import MULTI_TURNS, ROOT, TWO_TURNS, randomize_, tiny_config
 from model import ByteModel
