@@ -2,6 +2,7 @@
 the demo tokenizer's special ids and data-file helpers for the data tests; putting the project logger back."""
 
 import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 from transformers import LlamaConfig
 
 from model import ByteModelConfig
-from utils.logger import LOGGER_NAME
+from utils.errors import exit_on_input_error
+from utils.logger import LOGGER_NAME, quiet_transformers
 
 ATOL = 1e-5
 # Parameter gradients sum over every token, so they are O(10): compare them with a relative term as well.
@@ -134,3 +136,17 @@ def project_logger_restored():
             logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def run_script_main(main, arguments: list[str]) -> tuple[int, str, str]:
+    """What `python scripts/<script>.py ARGUMENTS` runs, in this process, for a script whose `main(argv)` its
+    `__main__` block wraps in exit_on_input_error: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            quiet_transformers()
+            exit_on_input_error(lambda: main(arguments))()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return code, stdout.getvalue(), stderr.getvalue()

@@ -7,8 +7,6 @@ and nothing written.
 Each file is exported once per module, in this process; one export runs as a real process (slow) to prove the
 command line. Where llama-cpp-python could not be built, the llama.cpp tests are skipped and the reader's still run."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -22,12 +20,10 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 from transformers import GenerationConfig
 
-from helpers import MULTI_TURNS, ROOT, TWO_TURNS, randomize_, tiny_config
+from helpers import MULTI_TURNS, ROOT, TWO_TURNS, randomize_, run_script_main, tiny_config
 from model import ByteModel
 sys.path.insert(0, str(ROOT / "scripts"))
 from export_gguf import main, rope_pairs  # noqa: E402
-from utils.errors import exit_on_input_error
-from utils.logger import quiet_transformers
 
 TEXT = ("你好，世界！今天天气很好。Hello, world: it's a 'test', don't panic. def f(x):\n    return x ** 2  # 平方\n"
         "\tTabs\t and   spaces\n\n emoji 🚀🦙😶‍🌫️✅ 3.14159 1234567 café ÄÖÜ; 中文English混合")
@@ -67,16 +63,7 @@ def build(**overrides) -> ByteModel:
 
 
 def run(arguments: list[str]) -> tuple[int, str, str]:
-    """What `python scripts/export_gguf.py ARGUMENTS` runs, in this process: (exit code, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            quiet_transformers()
-            exit_on_input_error(lambda: main(arguments))()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    return code, stdout.getvalue(), stderr.getvalue()
+    return run_script_main(main, arguments)
 
 
 @pytest.fixture(scope="module", autouse=True)

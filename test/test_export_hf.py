@@ -6,8 +6,6 @@ One export runs as a real process (it proves the command line); the other export
 entry in this process. The Llama side of the parity check is a process of its own that loads every export: it starts
 first and imports while the exports are made, then reads its request from stdin."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -19,12 +17,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, GenerationConfig
 
-from helpers import randomize_, tiny_config
+from helpers import randomize_, run_script_main, tiny_config
 from model import ByteModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from export_hf import build_target, check_expressible, main, target_config_from  # noqa: E402
-from utils.errors import InputError, exit_on_input_error
-from utils.logger import quiet_transformers
+from utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -147,16 +144,7 @@ def finish(process: subprocess.Popen, root: Path, name: str) -> tuple[int, str, 
 
 
 def run_in_process(arguments: list[str]) -> tuple[int, str, str]:
-    """What `python scripts/export_hf.py ARGUMENTS` runs, in this process: (exit code, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            quiet_transformers()
-            exit_on_input_error(lambda: main(arguments))()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    return code, stdout.getvalue(), stderr.getvalue()
+    return run_script_main(main, arguments)
 
 
 # The export that runs as a script: the case with a tokenizer and a generation config to copy.
