@@ -695,5 +695,6 @@ def main() -> None:
               f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[listener])
 
+
 if __name__ == "__main__":
     main()
