@@ -35,6 +35,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, MixtralForCausalLM 
 
 from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
+from utils.precision import autocast  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -117,9 +118,8 @@ def alternate(measures: dict, rounds: int) -> dict[str, Measured]:
 
 
 def autocast_for(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The benchmark measures CPU kernels, so autocast is the CPU's even where CUDA is present."""
+    return autocast(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, steps: int, compiled: bool = False):
