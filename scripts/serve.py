@@ -79,6 +79,11 @@ class SamplingRequest(StrictModel):
     frequency_penalty: float = 0.0
     user: str | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk only when asked (`stream_options.include_usage`)."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class ChatRequest(SamplingRequest):
     messages: list[Message]
@@ -115,9 +120,17 @@ class RequestError(Exception):
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
 
 
+def error_body(error: RequestError) -> dict:
+    return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
+
+
 def error_response(error: RequestError) -> JSONResponse:
-    body = {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
-    return JSONResponse({"error": body}, status_code=error.status)
+    return JSONResponse(error_body(error), status_code=error.status)
+
+
+def generation_failure(message: str) -> RequestError:
+    """A batch that failed while generating: the server's fault, not the request's."""
+    return RequestError(message, None, None, 500, "server_error")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -558,8 +571,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         completion_id, now = new_id("chatcmpl"), int(time.time())
         head = {"id": completion_id, "created": now, "model": model_id, "system_fingerprint": None}
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-
             def chunk(delta: dict, finish_reason: str | None) -> str:
                 return sse({**head, "object": "chat.completion.chunk",
                             "choices": [{"index": 0, "delta": delta, "logprobs": None,
@@ -572,12 +583,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
                         yield chunk({"content": event[2]}, None)
                     elif event[1] == "end":
                         yield chunk({}, event[2])
-                        if include_usage:
+                        if body.include_usage:
                             yield sse({**head, "object": "chat.completion.chunk", "choices": [],
                                        "usage": usage(conversation.prompt_tokens, event[3])})
                     else:
-                        yield sse({"error": {"message": event[2], "type": "server_error", "param": None,
-                                             "code": None}})
+                        yield sse(error_body(generation_failure(event[2])))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
@@ -599,20 +609,17 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         head = {"id": completion_id, "object": "text_completion", "created": now, "model": model_id,
                 "system_fingerprint": None}
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-
             async def stream() -> AsyncIterator[str]:
                 completion_tokens = 0
                 async for event in conversation:
                     if event[1] == "error":
-                        yield sse({"error": {"message": event[2], "type": "server_error", "param": None,
-                                             "code": None}})
+                        yield sse(error_body(generation_failure(event[2])))
                         continue
                     text, finish_reason = (event[2], None) if event[1] == "text" else ("", event[2])
                     completion_tokens += event[3] if event[1] == "end" else 0
                     yield sse({**head, "choices": [{"index": event[0], "text": text, "logprobs": None,
                                                     "finish_reason": finish_reason}]})
-                if include_usage:
+                if body.include_usage:
                     yield sse({**head, "choices": [], "usage": usage(conversation.prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
 
@@ -643,7 +650,7 @@ async def collected(conversation: Conversation, http_request: Request) -> tuple[
             elif event[1] == "end":
                 reasons[event[0]], completion_tokens = event[2], completion_tokens + event[3]
             else:
-                raise RequestError(event[2], None, None, 500, "server_error")
+                raise generation_failure(event[2])
     finally:
         watcher.cancel()
     return texts, reasons, completion_tokens
