@@ -1,7 +1,10 @@
 """Talk to a model in the terminal: `python scripts/chat.py --model out/sft/final [--prompt TEXT]`.
 
 Multi-turn chat with the tokenizer's own chat template and streamed output; generation stops at the end-of-
-sequence token. `--prompt` answers once and exits (no prompt shown), for scripts and tests.
+sequence token. `--prompt` answers once and exits (no prompt shown), for scripts and tests. `--quantize int8|int4`
+runs the model with quantized weights (`utils/quantize.py`); `--draft` adds speculative decoding through
+transformers' assisted generation, with a smaller model folder sharing the tokenizer or `int8`/`int4` for a
+quantized copy of the model itself (greedy replies stay exactly the model's own).
 """
 
 import argparse
@@ -17,6 +20,7 @@ from utils.checkpoint import load_model_folder
 from utils.config import read_yaml
 from utils.errors import InputError, error_summary, exit_on_input_error
 from utils.logger import quiet_transformers
+from utils.quantize import QUANTIZE_CHOICES, quantize
 
 
 def tokenizer_folder(path: Path) -> Path:
@@ -39,18 +43,46 @@ def tokenizer_folder(path: Path) -> Path:
     return path
 
 
-def load(folder: str):
+def load_tokenizer(path: Path):
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_folder(path))
+    except Exception as error:  # any failure to read the folder means the same to the user
+        raise InputError(f"cannot load the tokenizer from {path}: {error_summary(error)}") from None
+
+
+def quantized(language_model, mode: str, path: Path):
+    try:
+        return quantize(language_model, mode)
+    except ValueError as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def load(folder: str, quantize_mode: str = "none"):
+    """A model folder for inference, its weights quantized as `quantize_mode` says, and its tokenizer."""
     path = Path(folder)
     if not path.is_dir():
         raise InputError(f"model folder not found: {path}")
-    language_model = load_model_folder(path, AutoModelForCausalLM)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(path))
-    except Exception as error:  # any failure to read the folder means the same to the user
-        raise InputError(f"cannot load the tokenizer from {path}: {error_summary(error)}") from None
+    language_model = quantized(load_model_folder(path, AutoModelForCausalLM), quantize_mode, path)
+    tokenizer = load_tokenizer(path)
     if not tokenizer.chat_template:
         raise InputError(f"{path}: the tokenizer has no chat template")
     return language_model, tokenizer
+
+
+def load_draft(draft: str | None, folder: str, tokenizer):
+    """The assistant model for speculative decoding, or None: `int8`/`int4` is a quantized copy of the model in
+    `folder`, anything else a model folder whose tokenizer has the same vocabulary as `tokenizer`."""
+    if draft is None:
+        return None
+    if draft in QUANTIZE_CHOICES[1:]:
+        return quantized(load_model_folder(Path(folder), AutoModelForCausalLM), draft, Path(folder))
+    path = Path(draft)
+    if not path.is_dir():
+        raise InputError(f"--draft: model folder not found: {path}")
+    assistant = load_model_folder(path, AutoModelForCausalLM)
+    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"--draft {path}: its tokenizer differs from the model's; a draft must share it")
+    return assistant
 
 
 def generation_config(args: argparse.Namespace, tokenizer) -> GenerationConfig:
@@ -64,13 +96,24 @@ def generation_config(args: argparse.Namespace, tokenizer) -> GenerationConfig:
 
 
 @torch.no_grad()
-def reply(language_model, tokenizer, messages: list[dict], config: GenerationConfig) -> str:
+def reply(language_model, tokenizer, messages: list[dict], config: GenerationConfig, draft=None) -> str:
     """Generate the assistant's next turn, streaming it to stdout, and return it."""
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    output = language_model.generate(**inputs, generation_config=config, streamer=streamer)
+    output = language_model.generate(**inputs, generation_config=config, streamer=streamer, assistant_model=draft)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
+    """--quantize and (unless `draft` is False) --draft, as the scripts that generate with a model take them."""
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                        help="int8: per-channel int8 weights on fbgemm (faster on a CPU); int4: grouped 4-bit weights "
+                             "(smallest, slower); see utils/quantize.py")
+    if draft:
+        parser.add_argument("--draft", help="speculative decoding: a smaller model folder sharing the tokenizer (e.g. "
+                                            "out/pretrain_draft/final), or int8 / int4 for a quantized copy of "
+                                            "--model")
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +130,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache and a compiled decode step: faster replies after a one-off compile "
                              "(10-30 s)")
+    add_inference_arguments(parser)
     args = parser.parse_args()
     if args.temperature < 0 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1 or args.top_k < 0 \
             or args.repetition_penalty <= 0:
@@ -99,13 +143,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet_transformers()
-    language_model, tokenizer = load(args.model)
+    language_model, tokenizer = load(args.model, args.quantize)
+    draft = load_draft(args.draft, args.model, tokenizer)
     config = generation_config(args, tokenizer)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        reply(language_model, tokenizer, messages + [{"role": "user", "content": args.prompt}], config)
+        reply(language_model, tokenizer, messages + [{"role": "user", "content": args.prompt}], config, draft)
         return
     print("Chat with the model; an empty line or Ctrl-D ends, /reset starts over.", file=sys.stderr)
     while True:
@@ -120,7 +165,7 @@ def main() -> None:
             continue
         messages.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": reply(language_model, tokenizer, messages, config)})
+        messages.append({"role": "assistant", "content": reply(language_model, tokenizer, messages, config, draft)})
 
 
 if __name__ == "__main__":

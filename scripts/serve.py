@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
                           StoppingCriteriaList, StopStringCriteria, TextStreamer)
 
-from chat import load
+from chat import add_inference_arguments, load
 from utils.errors import InputError, exit_on_input_error
 from utils.logger import quiet_transformers
 
@@ -670,6 +670,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for generation (default: PyTorch's, one per core); a small model on a "
                              "busy machine is faster with fewer")
+    add_inference_arguments(parser, draft=False)
     args = parser.parse_args()
     if not 0 <= args.port <= 65535 or args.max_batch_size < 1 or args.batch_window_ms < 0 \
             or (args.threads is not None and args.threads < 1):
@@ -691,7 +692,7 @@ def main() -> None:
     except OSError as error:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     with listener:
-        language_model, tokenizer = load(args.model)
+        language_model, tokenizer = load(args.model, args.quantize)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         engine = Engine(language_model, tokenizer, args.max_batch_size, args.batch_window_ms / 1000)
