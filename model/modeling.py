@@ -248,8 +248,6 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         so ByteModel compiles there too, after a one-off compile. `disable_compile=True` keeps it eager."""
         if self.config.num_experts or self.model.rotary_emb.rope_type == "dynamic":
             return False  # data-dependent code (expert dispatch, per-length RoPE): compiling costs more than it saves
-        if getattr(self.config, "quantization", "none") != "none":
-            return False  # fbgemm's packed int8 weights are opaque to the compiler (utils/quantize.py)
         if self.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             return False  # bf16 decoding compiled on a CPU measured slower than eager, and rounds differently
         if self.device.type == "cpu" and not generation_config.disable_compile:

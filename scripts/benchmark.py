@@ -29,18 +29,26 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+import copy  # noqa: E402
+import math  # noqa: E402
+
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GenerationConfig, LlamaForCausalLM, MixtralForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, MixtralForCausalLM  # noqa: E402
 
 from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
+from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
+from utils.data import PretrainDataset  # noqa: E402
+from utils.logger import quiet_transformers  # noqa: E402
 from utils.precision import autocast  # noqa: E402
+from utils.quantize import quantize, weight_bytes  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
-QUICK = dict(compile=False, generate_batches=[1], new_tokens=64)  # defaults under --quick
+QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[])  # defaults under --quick
 
 
 def machine() -> str:
@@ -141,7 +149,9 @@ def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, ste
 
 
 def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, precision: str, outputs: dict,
-                  name: str, static: bool = False):
+                  name: str, static: bool = False, draft: torch.nn.Module | None = None):
+    """A measure: one greedy `generate` of exactly `new_tokens` tokens, with `draft` as the assistant model of
+    speculative decoding if given."""
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               eos_token_id=None, pad_token_id=0, cache_implementation="static" if static else None)
 
@@ -149,22 +159,29 @@ def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
         model.eval()
         start = time.perf_counter()
         with torch.no_grad(), autocast_for(precision):
-            outputs[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+            outputs[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                                           assistant_model=draft)
         return time.perf_counter() - start
     return measure
+
+
+def reference_for(byte: ByteModel) -> torch.nn.Module:
+    """transformers' Llama (dense) or Mixtral (MoE) holding `byte`'s weights."""
+    config = byte.config
+    if config.num_experts:
+        reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
+    else:
+        reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation="sdpa")
+    # Llama and Mixtral names are ByteModel's; only an MoE model has routing biases (zero here) to leave out.
+    reference.load_state_dict(mixtral_state_dict(byte.state_dict()), strict=True)
+    return reference.eval()
 
 
 def build(kind: str, seed: int = 0) -> tuple[ByteModel, torch.nn.Module, ByteModelConfig]:
     config = ByteModelConfig(**(DENSE if kind == "dense" else MOE), max_position_embeddings=2048)
     torch.manual_seed(seed)
     byte = ByteModel(config)
-    if kind == "dense":
-        reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation="sdpa")
-    else:
-        reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
-    # Llama and Mixtral names are ByteModel's; only an MoE model has routing biases (zero here) to leave out.
-    reference.load_state_dict(mixtral_state_dict(byte.state_dict()), strict=True)
-    return byte, reference, config
+    return byte, reference_for(byte), config
 
 
 def run(args) -> dict:
@@ -232,7 +249,166 @@ def run(args) -> dict:
                           f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}  same tokens as "
                           f"{reference_name}: {same}, as eager: {own}")
         del byte, reference
+    run_inference(args, result)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference: quantized weights and speculative decoding, on trained weights where they exist.
+
+def stream_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s this machine streams from memory right now: the median of summing a buffer far larger than any
+    cache, with all threads (the ceiling a decode step that only reads its weights could reach)."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times[1:])
+
+
+class ForwardCounter:
+    """Counts a model's forward calls (a hook on the module): how often speculative decoding ran each model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls = 0
+        model.register_forward_hook(self.count)
+
+    def count(self, module, args, output) -> None:
+        self.calls += 1
+
+
+def validation_windows(tokenizer, files: list[str], count: int, seq_len: int = 256) -> torch.Tensor:
+    dataset = PretrainDataset(files, tokenizer, seq_len, cache_dir=".cache/data")
+    return torch.stack([dataset[index]["input_ids"] for index in range(min(count, len(dataset)))]), \
+        torch.stack([dataset[index]["shift_labels"] for index in range(min(count, len(dataset)))])
+
+
+@torch.no_grad()
+def text_quality(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Perplexity on the windows, and the model's top-1 prediction at every position."""
+    total, predictions = 0.0, []
+    for start in range(0, len(inputs), 8):
+        logits = model(inputs[start:start + 8], use_cache=False).logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), targets[start:start + 8].flatten(), reduction="sum").item()
+        predictions.append(logits.argmax(-1))
+    return math.exp(total / targets.numel()), torch.cat(predictions)
+
+
+def inference_models(args) -> list[tuple[str, ByteModel, object]]:
+    """(name, fp32 ByteModel, tokenizer) for each of `--inference-models`: `dense` is the benchmark's random-init
+    model (with the demo tokenizer for its text), anything else a trained model folder; missing folders are
+    skipped with a note, so the benchmark also runs before the demo has been trained."""
+    models = []
+    for name in args.inference_models:
+        if name == "dense":
+            byte, _, _ = build("dense")
+            models.append((name, byte.eval(), AutoTokenizer.from_pretrained(args.tokenizer)))
+        elif not Path(name).is_dir():
+            print(f"\n{name}: not found, skipped (train the demo to measure it)")
+        else:
+            models.append((name, load_model_folder(Path(name)), AutoTokenizer.from_pretrained(name)))
+    return models
+
+
+def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | None, args) -> list[dict]:
+    """Greedy generation speed, weights read per token and text quality of `byte` in fp32 and quantized, eager and
+    with the compiled static-cache step, with and without a draft, against transformers' Llama at the same weights
+    in the same run."""
+    inputs, targets = validation_windows(tokenizer, args.val_files, args.quality_windows)
+    prompts = inputs[:, :args.prompt_len]
+    models = {"Llama fp32": reference_for(byte), "ByteModel fp32": byte}
+    for mode in args.quantize:
+        models[f"ByteModel {mode}"] = quantize(copy.deepcopy(byte), mode)
+    # variant: (model, static cache with the compiled decode step, draft)
+    variants = {variant: (variant, False, None) for variant in models}
+    for variant in ("ByteModel fp32", "ByteModel int8"):
+        if args.compile and variant in models:
+            variants[f"{variant} static+compiled"] = (variant, True, None)
+    speculative = {}
+    if draft is not None and draft.config.vocab_size == byte.config.vocab_size and name != "dense":
+        speculative["ByteModel fp32 + draft"] = ("ByteModel fp32", False, draft)
+    if "int8" in args.quantize:
+        speculative["ByteModel fp32 + int8 self-draft"] = ("ByteModel fp32", False, models["ByteModel int8"])
+    counters = {id(model): ForwardCounter(model)
+                for model in [*models.values(), *(assistant for _, _, assistant in speculative.values())]}
+    quality = {}
+    reference_ppl, reference_predictions = text_quality(byte, inputs, targets)
+    for model_name, model in models.items():
+        ppl, predictions = ((reference_ppl, reference_predictions) if model is byte
+                            else text_quality(model, inputs, targets))
+        quality[model_name] = (ppl, (predictions == reference_predictions).float().mean().item())
+    rows = []
+    for batch_size in args.generate_batches:
+        prompt = prompts[:batch_size] if len(prompts) >= batch_size else prompts[[0] * batch_size]
+        outputs, calls = {}, {}
+
+        def counted(variant: str, measure):
+            """`measure`, noting how often each model ran forward in its latest call."""
+            def run() -> float:
+                before = {key: counter.calls for key, counter in counters.items()}
+                seconds = measure()
+                calls[variant] = {key: counter.calls - before[key] for key, counter in counters.items()}
+                return seconds
+            return run
+
+        # transformers' assisted generation takes one sequence at a time
+        runs = {**variants, **(speculative if batch_size == 1 else {})}
+        measures = {variant: counted(variant, generator_for(models[model_name], prompt, args.inference_new_tokens,
+                                                            "fp32", outputs, variant, static=static,
+                                                            draft=assistant))
+                    for variant, (model_name, static, assistant) in runs.items()}
+        timed = alternate(measures, args.generate_rounds)
+        tokens = batch_size * args.inference_new_tokens
+        their = timed["Llama fp32"].rate(tokens)
+        for variant, measured in timed.items():
+            model_name, _, assistant = runs[variant]
+            target = models[model_name]
+            target_calls = calls[variant][id(target)]
+            read = weight_bytes(target) * target_calls
+            acceptance = None
+            if assistant is not None:
+                draft_calls = calls[variant][id(assistant)]
+                read += weight_bytes(assistant) * draft_calls
+                # Every target forward yields one token of its own; the rest were the draft's, accepted.
+                acceptance = (args.inference_new_tokens - target_calls) / max(1, draft_calls)
+            rate = measured.rate(tokens)
+            ppl, agreement = quality[model_name]
+            row = {"model": name, "variant": variant, "batch": batch_size, "tokens_per_s": rate,
+                   "ms_per_token": 1e3 / rate, "ratio": rate / their, "acceptance": acceptance,
+                   "weight_mib": weight_bytes(target) / 2**20, "read_mib_per_token": read / tokens / 2**20,
+                   "read_gb_per_s": read / tokens * rate / 1e9,
+                   "tokens_equal_fp32": bool(torch.equal(outputs[variant], outputs["ByteModel fp32"])),
+                   "ppl": ppl, "ppl_change": ppl / reference_ppl - 1, "top1_agreement": agreement,
+                   "peak_memory_mib": measured.peak_mib}
+            rows.append(row)
+            print(f"  b{batch_size} {variant:34} {rate:7.1f} tok/s {1e3 / rate:6.1f} ms/token  x{rate / their:.2f}  "
+                  f"{row['weight_mib']:6.1f} MiB  read {row['read_mib_per_token']:6.1f} MiB/token "
+                  f"({row['read_gb_per_s']:5.1f} GB/s)  "
+                  + (f"accepted {acceptance:.2f}  " if acceptance is not None else "")
+                  + f"ppl {ppl:.2f} ({100 * row['ppl_change']:+.2f}%)  top-1 {agreement:.3f}  "
+                  f"same tokens as fp32: {row['tokens_equal_fp32']}")
+    return rows
+
+
+def run_inference(args, result: dict) -> None:
+    if not args.inference_models:
+        return
+    bandwidth = stream_read_bandwidth()
+    result["stream_read_gb_per_s"] = bandwidth / 1e9
+    print(f"\ninference: streaming read {bandwidth / 1e9:.1f} GB/s; greedy, {args.inference_new_tokens} new tokens "
+          f"after {args.prompt_len} of the validation text")
+    draft = None
+    if args.draft and Path(args.draft).is_dir():
+        draft = load_model_folder(Path(args.draft))
+    elif args.draft:
+        print(f"draft {args.draft}: not found, speculative rows with it skipped (train "
+              "configs/model_pretrain_draft.yaml to measure them)")
+    result["inference"] = []
+    for name, byte, tokenizer in inference_models(args):
+        print(f"\n{name}: {sum(p.numel() for p in byte.parameters()) / 1e6:.1f}M parameters")
+        result["inference"] += inference_rows(name, byte, tokenizer, draft, args)
 
 
 def markdown(result: dict) -> str:
@@ -252,14 +428,36 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['task']} | {row['precision']} | {row['variant']} | {row['batch']} | "
                      f"{row['tokens_per_s']:,.0f} | {mfu} | {row['ratio']:.2f} | {row['peak_memory_mib']:,.0f} MiB | "
                      f"{equal} |")
-    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones.", "",
-              f"Settings: {json.dumps(result['settings'])}", ""]
+    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones.", ""]
+    if result.get("inference"):
+        lines += ["## Inference: quantized weights and speculative decoding", "",
+                  f"Greedy generation of {result['settings']['inference_new_tokens']} tokens after "
+                  f"{result['settings']['prompt_len']} tokens of validation text, fp32 activations. Ratio: against "
+                  "transformers' fp32 Llama at the same weights. Read per token: the bytes of weights every forward "
+                  "pass reads (target and draft), per generated token; the machine streamed "
+                  f"{result['stream_read_gb_per_s']:.1f} GB/s from memory in the same run. Accepted: the share of "
+                  "draft tokens the model kept. Perplexity and top-1 agreement (with the fp32 model's next-token "
+                  f"predictions) on {result['settings']['quality_windows']} windows of 256 tokens of "
+                  f"{', '.join(result['settings']['val_files'])}; a speculative row shows its target's.", "",
+                  "| model | variant | batch | tokens/s | ms/token | ratio | accepted | weights | read per token | "
+                  "GB/s | same tokens as fp32 | perplexity | top-1 agreement |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in result["inference"]:
+            accepted = "" if row["acceptance"] is None else f"{row['acceptance']:.2f}"
+            lines.append(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['tokens_per_s']:,.1f} | "
+                         f"{row['ms_per_token']:.1f} | {row['ratio']:.2f} | {accepted} | "
+                         f"{row['weight_mib']:.1f} MiB | {row['read_mib_per_token']:.1f} MiB | "
+                         f"{row['read_gb_per_s']:.1f} | {'yes' if row['tokens_equal_fp32'] else 'no'} | "
+                         f"{row['ppl']:.2f} ({100 * row['ppl_change']:+.2f}%) | {row['top1_agreement']:.3f} |")
+        lines.append("")
+    lines += [f"Settings: {json.dumps(result['settings'])}", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=("dense", "moe"), default=["dense", "moe"])
+    parser.add_argument("--models", nargs="*", choices=("dense", "moe"), default=["dense", "moe"],
+                        help="ByteModel against transformers, training and generation (none: skip these rows)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--train-steps", type=int, default=2, help="optimizer steps per round")
@@ -270,6 +468,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--generate-rounds", type=int, default=2)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the compiled variants (each pays a one-off compile)")
+    parser.add_argument("--inference-models", nargs="*", default=["dense", "out/pretrain/final", "out/sft/final"],
+                        help="quantized and speculative inference rows for these model folders, and `dense` for the "
+                             "random-init benchmark model (none: skip the rows)")
+    parser.add_argument("--quantize", nargs="*", choices=("int8", "int4"), default=["int8", "int4"])
+    parser.add_argument("--draft", default="out/pretrain_draft/final",
+                        help="the draft model of the speculative rows (configs/model_pretrain_draft.yaml trains it)")
+    parser.add_argument("--inference-new-tokens", type=int, default=128)
+    parser.add_argument("--quality-windows", type=int, default=64,
+                        help="windows of 256 validation tokens for perplexity and top-1 agreement")
+    parser.add_argument("--val-files", nargs="+", default=["datasets/demo/pretrain_val.jsonl"])
+    parser.add_argument("--tokenizer", default="tokenizer", help="encodes the text for the `dense` model")
     parser.add_argument("--out", default="model_info")
     parser.add_argument("--quick", action="store_true",
                         help="a check rather than the full measurement: fp32 only, no compiled variants, generation "
@@ -278,6 +487,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    quiet_transformers()
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,18 @@
 int8: every linear layer gets symmetric int8 weights with one scale per output channel and runs on fbgemm's int8
 GEMM (torch's quantized CPU backend), which quantizes each call's activations to 8 bits as it goes ("dynamic"
 quantization). int4: asymmetric 4-bit weights in groups of `group_size` inputs, expanded to fp32 for each matrix
-multiply (torch's packed int4 CPU kernel is faster for one token but tens of times slower for several). The token embedding is stored the same way (its rows are gathered, not multiplied), so
-weights in memory shrink about 4x and 5-7x. These are the fastest weight-quantized CPU kernels this torch has:
-README's benchmark section has the measurements, and why torchao's CPU paths were not used.
+multiply (torch's packed int4 CPU kernel is faster for one token but tens of times slower for several). The token
+embedding is stored the same way (only looked-up rows are expanded), so weights in memory shrink about 3.5-4x and
+6-7x. These are the fastest weight-quantized CPU kernels this torch offers; README's benchmark section has the
+measurements, torchao's CPU paths among them.
 
-Quantized layers compute in fp32 and run on the CPU only; mixture-of-experts models are refused, because their
-experts are batched 3D weights that no int8/int4 CPU kernel here multiplies.
+Quantized layers compute in fp32 on the CPU. Mixture-of-experts models are refused: their experts are batched 3D
+weights that no int8/int4 CPU kernel here multiplies.
 """
 
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +22,28 @@ from torch import nn
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
+_KEYS = itertools.count()
+
+
+# fbgemm's packed weights are a TorchScript object that torch.compile cannot trace; behind a custom op, looked up by
+# a key, the compiled decode step (a static cache) keeps each int8 GEMM as one opaque call with no graph break.
+_INT8_LAYERS: dict[int, weakref.ref] = {}
+
+
+@torch.library.custom_op("stellarbyte::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    # reduce_range: 7-bit activations, so that AVX2's 16-bit multiply-add cannot saturate.
+    return torch.ops.quantized.linear_dynamic(x, _INT8_LAYERS[key]().packed, True)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class Int8Linear(nn.Module):
-    """`nn.Linear` with per-output-channel symmetric int8 weights on fbgemm's dynamic int8 GEMM."""
+    """`nn.Linear` with per-output-channel symmetric int8 weights on fbgemm's dynamic int8 GEMM. Activations are
+    quantized with one scale per call, so a row's result depends slightly on the rows it shares the call with."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -37,10 +58,14 @@ class Int8Linear(nn.Module):
                                                  0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.nbytes = weight.numel() + 4 * scale.numel() + (0 if bias is None else 4 * bias.numel())
+        self.key = next(_KEYS)
+        _INT8_LAYERS[self.key] = weakref.ref(self, lambda _, key=self.key: _INT8_LAYERS.pop(key, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: 7-bit activations, so that AVX2's 16-bit multiply-add cannot saturate.
-        out = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self.packed, True)
+        rows = x.reshape(-1, self.in_features).float()
+        # Eager calls skip the custom op's dispatch, which costs about a tenth of a small layer's GEMM.
+        out = (int8_linear(rows, self.key, self.out_features) if torch.compiler.is_compiling()
+               else torch.ops.quantized.linear_dynamic(rows, self.packed, True))
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -122,8 +147,9 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}"
 
 
-def check_quantizable(model: nn.Module, mode: str) -> None:
-    """Raise ValueError (one line) where `quantize(model, mode)` cannot apply."""
+def check_quantizable(model: nn.Module, mode: str, group_size: int | None = None) -> None:
+    """Raise ValueError (one line) where `quantize(model, mode, group_size)` cannot apply, before anything
+    changes."""
     if mode not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode == "none":
@@ -135,15 +161,15 @@ def check_quantizable(model: nn.Module, mode: str) -> None:
         raise ValueError(f"{mode} quantization runs on the CPU only (fbgemm and torch's int4 CPU kernel)")
     if mode == "int4":
         for module in model.modules():
-            if isinstance(module, nn.Linear):
-                int4_group_size(module.in_features, None)
+            if type(module) in (nn.Linear, nn.Embedding):
+                int4_group_size(module.weight.shape[1], group_size)
 
 
 def quantize(model: nn.Module, mode: str, group_size: int | None = None) -> nn.Module:
     """Replace `model`'s linear layers and token embedding with quantized ones, in place, and return it in eval
     mode. `mode` is "none" (unchanged), "int8" or "int4"; `group_size` fixes int4's group (default: the largest of
     128, 64, 32 dividing each layer's input). For inference only: the quantized weights take no gradients."""
-    check_quantizable(model, mode)
+    check_quantizable(model, mode, group_size)
     if mode == "none":
         return model
     model.eval()
