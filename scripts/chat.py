@@ -4,7 +4,8 @@ Multi-turn chat with the tokenizer's own chat template and streamed output; gene
 sequence token. `--prompt` answers once and exits (no prompt shown), for scripts and tests. `--quantize int8|int4`
 runs the model with quantized weights (`utils/quantize.py`); `--draft` adds speculative decoding through
 transformers' assisted generation, with a smaller model folder sharing the tokenizer or `int8`/`int4` for a
-quantized copy of the model itself (greedy replies stay exactly the model's own).
+quantized copy of the model itself (greedy replies stay exactly the model's own, except for an int8 model, whose
+activations are quantized per call: verifying drafted tokens together can shift them).
 """
 
 import argparse
