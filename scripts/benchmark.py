@@ -83,14 +83,18 @@ def release_free_memory() -> None:
 
 class Measured:
     """Seconds of alternating rounds, and the peak growth of resident memory over what the process held when a
-    round started (sampled every millisecond by a thread): what the measured work itself needs. CPU-only processes
-    have no allocator statistics to ask, and the peak-RSS counter never comes down between measurements."""
+    call started: what the measured work itself needs. CPU-only processes have no allocator statistics to ask and
+    the peak-RSS counter never comes down, so a thread samples resident memory every millisecond, in a call of its
+    own: on 2 cores that sampling slowed the timed work by up to a third."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.peak_mib = 0.0
 
     def run(self, measure) -> None:
+        self.seconds.append(measure())
+
+    def sample_memory(self, measure) -> None:
         release_free_memory()
         start, peak, done = rss_mib(), [0.0], threading.Event()
 
@@ -102,7 +106,7 @@ class Measured:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            self.seconds.append(measure())
+            measure()
         finally:
             done.set()
             sampler.join()
@@ -113,7 +117,8 @@ class Measured:
 
 
 def alternate(measures: dict, rounds: int) -> dict[str, Measured]:
-    """Every measure once per round, in rotating order; after one warm-up call each (compile, allocator, state)."""
+    """Every measure once per round, in rotating order, after one warm-up call each (compile, allocator, state);
+    then one more call each for its peak memory."""
     results = {name: Measured() for name in measures}
     for measure in measures.values():
         measure()
@@ -122,6 +127,8 @@ def alternate(measures: dict, rounds: int) -> dict[str, Measured]:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             results[name].run(measures[name])
+    for name in names:
+        results[name].sample_memory(measures[name])
     return results
 
 
@@ -268,15 +275,23 @@ def stream_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.numel() * 4 / statistics.median(times[1:])
 
 
-class ForwardCounter:
-    """Counts a model's forward calls (a hook on the module): how often speculative decoding ran each model."""
+@contextlib.contextmanager
+def forward_calls(models: list[torch.nn.Module]):
+    """Counts each model's forward calls while the block runs, in a list (a hook, removed afterwards: a hook left on
+    a model would also run inside its compiled decode step and change what gets compiled)."""
+    counts = [0] * len(models)
 
-    def __init__(self, model: torch.nn.Module):
-        self.calls = 0
-        model.register_forward_hook(self.count)
+    def counter(index: int):
+        def hook(*_) -> None:
+            counts[index] += 1
+        return hook
 
-    def count(self, module, args, output) -> None:
-        self.calls += 1
+    handles = [model.register_forward_hook(counter(index)) for index, model in enumerate(models)]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def validation_windows(tokenizer, files: list[str], count: int, seq_len: int = 256) -> torch.Tensor:
@@ -331,8 +346,6 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
         speculative["ByteModel fp32 + draft"] = ("ByteModel fp32", False, draft)
     if "int8" in args.quantize:
         speculative["ByteModel fp32 + int8 self-draft"] = ("ByteModel fp32", False, models["ByteModel int8"])
-    counters = {id(model): ForwardCounter(model)
-                for model in [*models.values(), *(assistant for _, _, assistant in speculative.values())]}
     quality = {}
     reference_ppl, reference_predictions = text_quality(byte, inputs, targets)
     for model_name, model in models.items():
@@ -344,32 +357,33 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
         prompt = prompts[:batch_size] if len(prompts) >= batch_size else prompts[[0] * batch_size]
         outputs, calls = {}, {}
 
-        def counted(variant: str, measure):
-            """`measure`, noting how often each model ran forward in its latest call."""
+        def counted(variant: str, measure, target: torch.nn.Module, assistant: torch.nn.Module):
+            """`measure`, noting how often the target and the draft ran forward in its latest call."""
             def run() -> float:
-                before = {key: counter.calls for key, counter in counters.items()}
-                seconds = measure()
-                calls[variant] = {key: counter.calls - before[key] for key, counter in counters.items()}
+                with forward_calls([target, assistant]) as counts:
+                    seconds = measure()
+                calls[variant] = counts
                 return seconds
             return run
 
         # transformers' assisted generation takes one sequence at a time
         runs = {**variants, **(speculative if batch_size == 1 else {})}
-        measures = {variant: counted(variant, generator_for(models[model_name], prompt, args.inference_new_tokens,
-                                                            "fp32", outputs, variant, static=static,
-                                                            draft=assistant))
-                    for variant, (model_name, static, assistant) in runs.items()}
+        measures = {}
+        for variant, (model_name, static, assistant) in runs.items():
+            measure = generator_for(models[model_name], prompt, args.inference_new_tokens, "fp32", outputs, variant,
+                                    static=static, draft=assistant)
+            measures[variant] = counted(variant, measure, models[model_name], assistant) if assistant else measure
         timed = alternate(measures, args.generate_rounds)
         tokens = batch_size * args.inference_new_tokens
         their = timed["Llama fp32"].rate(tokens)
         for variant, measured in timed.items():
             model_name, _, assistant = runs[variant]
             target = models[model_name]
-            target_calls = calls[variant][id(target)]
+            # Without a draft, every token takes one forward pass (the first one reads the prompt too).
+            target_calls, draft_calls = calls.get(variant, (args.inference_new_tokens, 0))
             read = weight_bytes(target) * target_calls
             acceptance = None
             if assistant is not None:
-                draft_calls = calls[variant][id(assistant)]
                 read += weight_bytes(assistant) * draft_calls
                 # Every target forward yields one token of its own; the rest were the draft's, accepted.
                 acceptance = (args.inference_new_tokens - target_calls) / max(1, draft_calls)
