@@ -203,6 +203,7 @@ def run(args) -> dict:
     print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     generator = torch.Generator().manual_seed(1)
     for kind in args.models:
+        torch._dynamo.reset()
         byte, reference, config = build(kind)
         reference_name = "Llama" if kind == "dense" else "Mixtral"
         parameters = sum(p.numel() for p in byte.parameters())
@@ -331,6 +332,9 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
     """Greedy generation speed, weights read per token and text quality of `byte` in fp32 and quantized, eager and
     with the compiled static-cache step, with and without a draft, against transformers' Llama at the same weights
     in the same run."""
+    # Compiled steps of earlier models would count against dynamo's recompile limit (8 per function), past which
+    # it silently runs eager.
+    torch._dynamo.reset()
     inputs, targets = validation_windows(tokenizer, args.val_files, args.quality_windows)
     prompts = inputs[:, :args.prompt_len]
     models = {"Llama fp32": reference_for(byte), "ByteModel fp32": byte}
