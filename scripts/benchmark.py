@@ -6,7 +6,12 @@ training tokens/s (forward, backward, fused AdamW step) with the model FLOPs uti
 peak measured here in the same run, greedy generation tokens/s at batch 1 and batch 8 (`--new-tokens`, 512 by
 default; ByteModel also with its static cache and compiled decode step, whose tokens must equal the eager ones),
 peak memory of each measurement, and every ratio against transformers. Pairs are measured in alternating rounds
-and the median round counts, so drift of a shared machine hits both sides alike. Writes `model_info/benchmark.md`
+and the median round counts, so drift of a shared machine hits both sides alike. Then the inference rows: the
+benchmark model and the demo's trained models (`--inference-models`) in fp32, int8 and int4 (`utils/quantize.py`),
+eager and with the compiled static-cache step, and with a draft (`--draft`, and the model's own int8 copy) for
+speculative decoding: greedy tokens/s at batch 1 and 8, weights read per token against the streaming-read bandwidth
+measured in the same run, the draft's acceptance rate, perplexity and top-1 agreement on the demo validation text,
+all against transformers' fp32 Llama at the same weights. Writes `model_info/benchmark.md`
 and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with generation at batch 1 only, for a check
 (`scripts/bench_model.py` runs it on the dense model). Run it alone: on a 2-core machine a second busy process
 distorts every number.
@@ -296,9 +301,11 @@ def forward_calls(models: list[torch.nn.Module]):
 
 
 def validation_windows(tokenizer, files: list[str], count: int, seq_len: int = 256) -> torch.Tensor:
+    """The first `count` windows of the validation text, and their next-token targets."""
     dataset = PretrainDataset(files, tokenizer, seq_len, cache_dir=".cache/data")
-    return torch.stack([dataset[index]["input_ids"] for index in range(min(count, len(dataset)))]), \
-        torch.stack([dataset[index]["shift_labels"] for index in range(min(count, len(dataset)))])
+    windows = [dataset[index] for index in range(min(count, len(dataset)))]
+    return (torch.stack([window["input_ids"] for window in windows]),
+            torch.stack([window["shift_labels"] for window in windows]))
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Weight quantization of a loaded model for inference: `quantize(model, "int8" | "int4")`.
 
 int8: every linear layer gets symmetric int8 weights with one scale per output channel and runs on fbgemm's int8
-GEMM (torch's quantized CPU backend), which quantizes each call's activations to 8 bits as it goes ("dynamic"
+GEMM (torch's quantized CPU backend), which quantizes each call's activations to 7 bits as it goes ("dynamic"
 quantization). int4: asymmetric 4-bit weights in groups of `group_size` inputs, expanded to fp32 for each matrix
 multiply (torch's packed int4 CPU kernel is faster for one token but tens of times slower for several). The token
 embedding is stored the same way (only looked-up rows are expanded), so weights in memory shrink about 3.5-4x and
@@ -63,7 +63,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        # Eager calls skip the custom op's dispatch, which costs about a tenth of a small layer's GEMM.
+        # Eager calls skip the custom op's Python dispatch, which costs about as much as a small layer's GEMM.
         out = (int8_linear(rows, self.key, self.out_features) if torch.compiler.is_compiling()
                else torch.ops.quantized.linear_dynamic(rows, self.packed, True))
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -158,7 +158,7 @@ def check_quantizable(model: nn.Module, mode: str, group_size: int | None = None
         raise ValueError(f"{mode} quantization supports dense models only: a mixture of experts keeps its experts "
                          "in batched 3D weights that no int8/int4 CPU kernel here multiplies")
     if any(parameter.device.type != "cpu" for parameter in model.parameters()):
-        raise ValueError(f"{mode} quantization runs on the CPU only (fbgemm and torch's int4 CPU kernel)")
+        raise ValueError(f"{mode} quantization runs on the CPU only (fbgemm's int8 GEMM is a CPU kernel)")
     if mode == "int4":
         for module in model.modules():
             if type(module) in (nn.Linear, nn.Embedding):
