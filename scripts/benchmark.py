@@ -25,6 +25,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -33,9 +34,6 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-
-import copy  # noqa: E402
-import math  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -47,6 +45,7 @@ from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
+from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
 from utils.quantize import quantize, weight_bytes  # noqa: E402
 
@@ -300,7 +299,8 @@ def forward_calls(models: list[torch.nn.Module]):
             handle.remove()
 
 
-def validation_windows(tokenizer, files: list[str], count: int, seq_len: int = 256) -> torch.Tensor:
+def validation_windows(tokenizer, files: list[str], count: int,
+                       seq_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` windows of the validation text, and their next-token targets."""
     dataset = PretrainDataset(files, tokenizer, seq_len, cache_dir=".cache/data")
     windows = [dataset[index] for index in range(min(count, len(dataset)))]
@@ -316,7 +316,7 @@ def text_quality(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Te
         logits = model(inputs[start:start + 8], use_cache=False).logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), targets[start:start + 8].flatten(), reduction="sum").item()
         predictions.append(logits.argmax(-1))
-    return math.exp(total / targets.numel()), torch.cat(predictions)
+    return perplexity(total / targets.numel()), torch.cat(predictions)
 
 
 def inference_models(args) -> list[tuple[str, ByteModel, object]]:
@@ -357,6 +357,8 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
         speculative["ByteModel fp32 + draft"] = ("ByteModel fp32", False, draft)
     if "int8" in args.quantize:
         speculative["ByteModel fp32 + int8 self-draft"] = ("ByteModel fp32", False, models["ByteModel int8"])
+    sizes = {id(model): weight_bytes(model) for model in [*models.values(), *(
+        assistant for _, _, assistant in speculative.values())]}
     quality = {}
     reference_ppl, reference_predictions = text_quality(byte, inputs, targets)
     for model_name, model in models.items():
@@ -392,17 +394,17 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
             target = models[model_name]
             # Without a draft, every token takes one forward pass (the first one reads the prompt too).
             target_calls, draft_calls = calls.get(variant, (args.inference_new_tokens, 0))
-            read = weight_bytes(target) * target_calls
+            read = sizes[id(target)] * target_calls
             acceptance = None
             if assistant is not None:
-                read += weight_bytes(assistant) * draft_calls
+                read += sizes[id(assistant)] * draft_calls
                 # Every target forward yields one token of its own; the rest were the draft's, accepted.
                 acceptance = (args.inference_new_tokens - target_calls) / max(1, draft_calls)
             rate = measured.rate(tokens)
             ppl, agreement = quality[model_name]
             row = {"model": name, "variant": variant, "batch": batch_size, "tokens_per_s": rate,
                    "ms_per_token": 1e3 / rate, "ratio": rate / their, "acceptance": acceptance,
-                   "weight_mib": weight_bytes(target) / 2**20, "read_mib_per_token": read / tokens / 2**20,
+                   "weight_mib": sizes[id(target)] / 2**20, "read_mib_per_token": read / tokens / 2**20,
                    "read_gb_per_s": read / tokens * rate / 1e9,
                    "tokens_equal_fp32": bool(torch.equal(outputs[variant], outputs["ByteModel fp32"])),
                    "ppl": ppl, "ppl_change": ppl / reference_ppl - 1, "top1_agreement": agreement,
