@@ -7,7 +7,8 @@ Also runs as a single process with `python model_pretrain.py`. Every config key 
 from utils.config import TrainingConfig
 from utils.data import PretrainDataset, StreamingPretrainDataset
 from utils.distributed import rank_and_world_size
-from utils.task import Task, run_training
+from utils.task import Task
+from utils.trainer import run_training
 
 
 def pretrain_datasets(tokenizer, config: TrainingConfig, log):

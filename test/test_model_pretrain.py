@@ -23,7 +23,7 @@ import model  # noqa: F401  (registers the model with the Auto classes)
 import model_pretrain
 from helpers import project_logger_restored
 from utils.data import build_token_cache
-from utils.task import run_training
+from utils.trainer import run_training
 
 pytestmark = pytest.mark.slow  # most tests here wait for real runs of the script, many through torchrun
 

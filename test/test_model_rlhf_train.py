@@ -18,7 +18,7 @@ from helpers import tiny_config, write_lines
 from model import ByteModel
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
-from utils.task import run_training
+from utils.trainer import run_training
 from utils.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ def test_short_run_lowers_the_loss(short_run):
     assert [row["step"] for row in eval_rows] == [10, 20, 30]
     assert eval_rows[-1]["val_loss"] < eval_rows[0]["val_loss"]
     assert summary["last_eval"]["val_loss"] == eval_rows[-1]["val_loss"]
-    assert summary["best_val_loss"] == min(row["val_loss"] for row in eval_rows)
+    assert summary["best_metric"] == min(row["val_loss"] for row in eval_rows)
     assert [row["loss"] for row in train_rows] == losses
 
 
@@ -120,7 +120,7 @@ def test_short_run_writes_every_artefact(short_run):
     best = checkpoints / "best"
     assert (best / "model.safetensors").is_file()
     best_metrics = json.loads((best / "best_metrics.json").read_text())
-    assert best_metrics["val_loss"] == summary["best_val_loss"]
+    assert best_metrics["val_loss"] == summary["best_metric"]
     assert not list(out_dir.rglob(".tmp-*")), "temporary folders left behind"
 
 
@@ -174,7 +174,7 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, cache_dir, monkeypatch
     assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
     assert len(resumed["losses"]) == 6
     assert stopped["losses"] + resumed["losses"] == summary_a["losses"]
-    for key in ("tokens_seen", "best_val_loss", "last_eval", "bad_steps"):
+    for key in ("tokens_seen", "best_metric", "last_eval", "bad_steps"):
         assert resumed[key] == summary_a[key], key
 
     rows_a, evals_a = read_metrics(tmp_path / "a")
@@ -232,7 +232,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, cache_dir):
     assert summary["reason"] == "early stopping" and summary["step"] == 8
     assert step_folders(out_dir) == ["step_4", "step_8"]
     best_metrics = json.loads((out_dir / "checkpoints" / "best" / "best_metrics.json").read_text())
-    assert best_metrics["step"] == 4 and best_metrics["val_loss"] == summary["best_val_loss"]
+    assert best_metrics["step"] == 4 and best_metrics["val_loss"] == summary["best_metric"]
     final = load_file(out_dir / "final" / "model.safetensors")
     step_4 = load_file(out_dir / "checkpoints" / "step_4" / "model.safetensors")
     step_8 = load_file(out_dir / "checkpoints" / "step_8" / "model.safetensors")

@@ -14,8 +14,10 @@ from utils.errors import InputError
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A batch on `device`. Packed windows carry `shift_labels` only; transformers' models (Llama, Mixtral) compute
     a loss only when `labels` is given and then prefer `shift_labels`, as their Trainer passes both, so `labels`
-    names the same tensor (ByteModel reads `shift_labels` alone)."""
-    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    names the same tensor (ByteModel reads `shift_labels` alone). Values that are not tensors (a prompt batch's raw
+    prompts and columns) pass as they are."""
+    batch = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+             for key, value in batch.items()}
     if "shift_labels" in batch:
         batch.setdefault("labels", batch["shift_labels"])
     return batch
@@ -48,16 +50,18 @@ class TrainBatches:
     names the point right after the last batch handed out: (epoch, samples consumed), or for a stream each shard's
     (document, offset)."""
 
-    def __init__(self, dataset: Dataset, collate, data, train, context: DistributedContext):
+    def __init__(self, dataset: Dataset, collate, data, train, context: DistributedContext,
+                 batch_size: int | None = None):
         self.dataset, self.collate, self.context = dataset, collate, context
-        self.batch_size, self.num_workers, self.seed = train.micro_batch_size, data.num_workers, train.seed
+        self.batch_size = batch_size or train.micro_batch_size
+        self.num_workers, self.seed = data.num_workers, train.seed
         self.epoch = self.consumed = 0
         self.stream_positions: dict[int, tuple[int, int]] = {}
         self.sampler = None
         if not isinstance(dataset, IterableDataset):
             self.sampler = ResumableSampler(len(dataset), context.rank, context.world_size, train.seed,
                                             lengths=getattr(dataset, "lengths", None),
-                                            group_size=64 * train.micro_batch_size * context.world_size)
+                                            group_size=64 * self.batch_size * context.world_size)
 
     def steps_per_epoch(self, grad_accum_steps: int) -> int | None:
         """None for a stream, whose length is unknown."""

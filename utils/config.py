@@ -321,14 +321,27 @@ class TrainingConfig:
 
 @dataclass
 class RlhfSection:
-    """The preference stage's objective. Offline methods learn from fixed preference pairs; online ones (sampling
-    replies during training, e.g. GRPO) would add their own keys here."""
-    method: Literal["dpo", "ipo"] = "dpo"
-    beta: float = 0.1  # strength of the pull towards the reference model
+    """The preference stage's objective: offline methods learn from fixed preference pairs (dpo, ipo); grpo samples
+    the policy's own replies to prompts and learns from their rewards (the keys after `precompute_reference`)."""
+    method: Literal["dpo", "ipo", "grpo"] = "dpo"
+    beta: float = 0.1  # strength of the pull towards the reference model (grpo: weight of the KL term, 0 = none)
     label_smoothing: float = 0.0  # dpo only: assumed share of flipped labels (conservative DPO)
     sft_weight: float = 0.0  # weight of the chosen reply's NLL added to the loss (RPO)
     reference_from: str | None = None  # null: the starting model (model.init_from), or the policy without adapters
     precompute_reference: bool = False  # reference log-probabilities once before training: one model in memory
+    reward_functions: list[str] = field(default_factory=list)  # grpo: "module:function" paths, TRL's signature
+    reward_weights: list[float] | None = None  # one per reward function; null: all 1
+    num_generations: int = 8  # completions sampled per prompt (the group its advantages are measured in)
+    prompts_per_step: int = 4  # prompts per process per rollout
+    max_completion_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantages divided by the group's or batch's std
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # how token losses are normalised
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # null: epsilon
+    num_iterations: int = 1  # optimizer steps on each rollout batch
 
 
 @dataclass
@@ -363,7 +376,9 @@ def check_training_config(config: TrainingConfig) -> None:
         if config.model.init_from is None:
             raise InputError("the preference stage starts from a trained model: set model.init_from "
                              "(e.g. out/sft/final)")
-        if rlhf.beta <= 0:
+        if rlhf.method == "grpo":
+            check_grpo_section(config)
+        elif rlhf.beta <= 0:
             raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")
         if not 0 <= rlhf.label_smoothing < 0.5:
             raise InputError(f"rlhf.label_smoothing must be in [0, 0.5), got {rlhf.label_smoothing}")
@@ -374,6 +389,36 @@ def check_training_config(config: TrainingConfig) -> None:
         for key, folder in (("model.init_from", config.model.init_from), ("rlhf.reference_from", rlhf.reference_from)):
             if folder is not None and not Path(folder).is_dir():
                 raise InputError(f"{key}: folder not found: {folder}")
+
+
+def check_grpo_section(config: PreferenceConfig) -> None:
+    rlhf = config.rlhf
+    if rlhf.beta < 0:
+        raise InputError(f"rlhf.beta must be >= 0 for grpo (0: no KL term, no reference model), got {rlhf.beta}")
+    if rlhf.num_generations < 2:
+        raise InputError(f"rlhf.num_generations must be >= 2 (advantages compare a prompt's completions), "
+                         f"got {rlhf.num_generations}")
+    for key in ("prompts_per_step", "max_completion_tokens", "num_iterations"):
+        if getattr(rlhf, key) < 1:
+            raise InputError(f"rlhf.{key} must be >= 1, got {getattr(rlhf, key)}")
+    if rlhf.temperature <= 0 or not 0 < rlhf.top_p <= 1 or rlhf.top_k < 0:
+        raise InputError("rlhf needs temperature > 0, 0 < top_p <= 1 and top_k >= 0 (0: off)")
+    if rlhf.epsilon < 0 or (rlhf.epsilon_high is not None and rlhf.epsilon_high < 0):
+        raise InputError("rlhf.epsilon and rlhf.epsilon_high must be >= 0")
+    if not rlhf.reward_functions:
+        raise InputError("rlhf.reward_functions is empty: grpo needs at least one \"module:function\"")
+    if rlhf.reward_weights is not None and len(rlhf.reward_weights) != len(rlhf.reward_functions):
+        raise InputError(f"rlhf.reward_weights has {len(rlhf.reward_weights)} values for "
+                         f"{len(rlhf.reward_functions)} reward functions")
+    for key, default in (("label_smoothing", 0.0), ("sft_weight", 0.0), ("precompute_reference", False)):
+        if getattr(rlhf, key) != default:
+            raise InputError(f"rlhf.{key} applies to dpo/ipo, not grpo (its completions are sampled online)")
+    if config.train.grad_accum_steps != 1:
+        raise InputError("grpo takes a step's micro-batches from its rollout (rlhf.prompts_per_step x "
+                         "rlhf.num_generations completions in micro-batches of train.micro_batch_size): leave "
+                         "train.grad_accum_steps at 1")
+    if config.data.streaming:
+        raise InputError("grpo reads its prompts into memory: data.streaming is not supported")
 
 
 def resolve_tokenizer(config: TrainingConfig) -> str:

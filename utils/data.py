@@ -613,3 +613,84 @@ class PairCollator:
         if "reference_logps" in samples[0]:
             batch["reference_logps"] = torch.stack([sample["reference_logps"] for sample in samples])
         return batch
+
+
+def prompt_record(record: Any) -> tuple[tuple[str | list[dict], dict] | None, str, str]:
+    """Validate a prompt record (online RL): `prompt` is plain text or a list of chat messages; every other key is
+    a column the reward functions receive. Returns ((prompt, columns), "", "") or (None, reason, detail)."""
+    if not isinstance(record, dict):
+        return None, "missing_field", "record is not an object"
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, "empty_text", "empty 'prompt'"
+    elif isinstance(prompt, list) and prompt:
+        problem = turn_problem(prompt)
+        if problem:
+            return None, *problem
+        if prompt[-1]["role"] == "assistant" or not opens_with_user(prompt):
+            return None, "bad_order", "the prompt must open with a user turn and not end with an assistant turn"
+        prompt = [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
+    else:
+        return None, "missing_field", "no 'prompt' string or message list"
+    return (prompt, {key: value for key, value in record.items() if key != "prompt"}), "", ""
+
+
+class PromptDataset(Dataset):
+    """Prompts for online RL (`{"prompt": str | messages, ...other columns}` per JSONL line), as TRL's GRPOTrainer
+    reads them: plain text is tokenized as it is, a message list is rendered with the chat template and its
+    generation prompt. A prompt that leaves no room for `completion_tokens` within `max_seq_len` is a bad record."""
+
+    def __init__(self, files: list[str], tokenizer, max_seq_len: int, completion_tokens: int, strict: bool = False,
+                 log=None):
+        self.issues = DataIssues(strict=strict)
+        self.prompts: list[str | list[dict]] = []
+        self.columns: list[dict] = []
+        self.ids: list[list[int]] = []
+        for location, (prompt, columns) in parsed_records(files, self.issues, prompt_record):
+            if isinstance(prompt, list):
+                if tokenizer.chat_template is None:
+                    raise InputError(f"{location}: a message-list prompt needs a tokenizer with a chat template")
+                ids = render_chat(tokenizer, prompt, add_generation_prompt=True)
+            else:
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(ids) + completion_tokens > max_seq_len:
+                self.issues.report("too_long", location, f"a prompt of {len(ids)} tokens leaves no room for "
+                                   f"{completion_tokens} completion tokens in data.seq_len={max_seq_len}")
+                continue
+            self.prompts.append(prompt)
+            self.columns.append(columns)
+            self.ids.append(ids)
+        if not self.ids:
+            raise InputError(f"no usable prompts in {', '.join(files)} ({self.issues.summary()})")
+        if log is not None and self.issues.total:
+            log(self.issues.summary())
+        self.column_names = sorted({name for columns in self.columns for name in columns})
+        self.lengths = [len(ids) for ids in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": torch.tensor(self.ids[index]), "prompt": self.prompts[index],
+                "columns": {name: self.columns[index].get(name) for name in self.column_names}}
+
+
+class PromptCollator:
+    """Prompts left-padded to the longest (generation continues from the right edge), with the raw prompts and the
+    columns, one list per column, that the reward functions receive."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            length = len(sample["input_ids"])
+            input_ids[row, longest - length:] = sample["input_ids"]
+            attention_mask[row, longest - length:] = 1
+        columns = {name: [sample["columns"][name] for sample in samples] for name in samples[0]["columns"]}
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "prompts": [sample["prompt"] for sample in samples], "columns": columns}

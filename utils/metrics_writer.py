@@ -43,16 +43,21 @@ class MetricsWriter:
 
     def write_samples(self, step: int, prompts: list[str], samples: list[str], final: bool = False) -> None:
         """One samples.jsonl row per prompt (`final`: written by the saved final model)."""
+        self.write_sample_rows(step, [{"prompt": prompt, "sample": sample, **({"final": True} if final else {})}
+                                      for prompt, sample in zip(prompts, samples)])
+
+    def write_sample_rows(self, step: int, rows: list[dict]) -> None:
+        """samples.jsonl rows (`prompt`, `sample` and whatever else a row holds, such as its reward) and swanlab
+        texts."""
         if not self.enabled:
             return
         with self.samples_path.open("a", encoding="utf-8") as handle:
-            for prompt, sample in zip(prompts, samples):
-                row = {"step": step, "prompt": prompt, "sample": sample, **({"final": True} if final else {})}
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for row in rows:
+                handle.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
         if self.run is not None:
             import swanlab
 
-            texts = [swanlab.Text(sample, caption=prompt) for prompt, sample in zip(prompts, samples)]
+            texts = [swanlab.Text(row["sample"], caption=row["prompt"]) for row in rows]
             self.run.log({"samples": texts}, step=step)
 
     def close(self) -> None:

@@ -70,8 +70,6 @@ class Reference:
 
     def __init__(self, model: nn.Module, adapters_off: bool = False):
         self.model, self.adapters_off = model, adapters_off
-        if not adapters_off:
-            model.eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -164,15 +162,23 @@ def attach_reference_logps(make_reference: Callable[[], Callable[[dict], torch.T
     trainer.log.info(f"reference log-probabilities of {sum(map(len, datasets))} pairs computed once, in {path}")
 
 
+def reference_model(trainer) -> tuple[nn.Module, bool]:
+    """(the reference model, whether it is the policy with its adapters off): `rlhf.reference_from` or the starting
+    model loaded again, or, with LoRA and no reference_from, the policy itself (no second copy)."""
+    config, section = trainer.config, trainer.config.rlhf
+    if section.reference_from is None and config.lora.enabled:
+        return trainer.model, True
+    reference = load_starting_model(section.reference_from or config.model.init_from).to(trainer.context.device)
+    return reference.eval().requires_grad_(False), False
+
+
 def preference_objective(trainer) -> PreferenceLoss:
     """The loss for a `Trainer` whose model is built: the reference it needs, computed ahead when asked."""
     config, section = trainer.config, trainer.config.rlhf
     source = section.reference_from or config.model.init_from
 
     def make_reference() -> Reference:
-        if section.reference_from is None and config.lora.enabled:
-            return Reference(trainer.model, adapters_off=True)
-        return Reference(load_starting_model(source).to(trainer.context.device))
+        return Reference(*reference_model(trainer))
 
     if not section.precompute_reference:
         return PreferenceLoss(section, make_reference(), trainer.model.config)

@@ -1,6 +1,6 @@
-"""What a training stage supplies to the engine: its datasets, collator and loss. Everything else (distribution,
-precision, checkpoints, evaluation, logging) is the same for every stage; `run_training(task, ...)` is a training
-script's whole main."""
+"""What a training stage supplies to the engine: its datasets, collator and loss (and, for an online stage, its
+rollouts). Everything else (distribution, precision, checkpoints, evaluation, logging) is the same for every stage;
+`utils.trainer.run_training(task, ...)` is a training script's whole main."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,12 +11,7 @@ import torch
 from torch import nn
 
 from model import count_targets
-from utils.config import TrainingConfig, parse_config
-from utils.errors import exit_on_input_error
-
-# How a run stopped by too many non-finite steps in a row says so (the script then exits with 1).
-STOPPED_BY_BAD_STEPS = "non-finite steps in a row"
-
+from utils.config import TrainingConfig
 
 def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor], num_items_in_batch: float | None):
     """Next-token cross-entropy on the batch's labels (a sum over `num_items_in_batch` targets when given)."""
@@ -35,7 +30,14 @@ class Task:
     stage may build what its loss needs there, such as a reference model); `targets(batch)` the targets the loss is
     normalised by. A loss may also return `.metrics`, sums over the batch's targets of the names in `metrics`: the
     engine logs their mean per target (`val_<name>` in evaluations). `evaluate_final(folder, config)` (optional)
-    measures the final model on rank 0 and returns a metrics row."""
+    measures the final model on rank 0 and returns a metrics row.
+
+    An online stage also supplies `rollout(trainer)`, built right after the model: an object whose
+    `step_batches(prompt_batches)` returns each step's micro-batches (sampling new ones from the next batch of
+    `prompts_per_step` training samples every `steps_per_rollout` steps), with `state_dict`/`load_state_dict` for
+    checkpoints and `last_metrics` for the logged rows. `evaluate(trainer)` replaces the validation loss with the
+    stage's own measures; `selection` names the one that picks `best/` and early stopping, and whether higher is
+    better. `variant(config)` lets one script hold several stages: the engine runs the task it returns."""
     datasets: Callable[..., tuple[Any, Any]]
     collator: Callable[[Any], Callable | None] = lambda tokenizer: None
     objective: Callable[[Any], Callable] = lambda trainer: language_model_loss
@@ -46,23 +48,7 @@ class Task:
     config_type: type = TrainingConfig
     chat_sample: bool = False  # the sample prompts are user turns of the chat template
     evaluate_final: Callable[[Path, TrainingConfig], dict] | None = None
-
-
-def run_training(task: Task, default_config: str, description: str, argv: list[str] | None = None) -> dict:
-    """A training script's main: parse the config and `--resume`, train, exit 1 when bad steps stopped the run
-    (input errors exit 2, with one line)."""
-    from utils.trainer import Trainer  # here: the trainer imports this module
-
-    def add_arguments(parser) -> None:
-        parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                            help="continue from the latest checkpoint in train.out_dir (auto) or from a step folder")
-
-    @exit_on_input_error
-    def main() -> dict:
-        config, arguments = parse_config(task.config_type, default_config, description, argv, add_arguments)
-        summary = Trainer(config, task, arguments.resume).fit()
-        if summary["reason"].endswith(STOPPED_BY_BAD_STEPS):
-            raise SystemExit(1)
-        return summary
-
-    return main()
+    rollout: Callable[[Any], Any] | None = None
+    evaluate: Callable[[Any], dict] | None = None
+    selection: tuple[str, bool] = ("val_loss", False)  # (evaluation metric, higher is better)
+    variant: Callable[[Any], "Task"] | None = None

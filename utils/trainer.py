@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from model import ByteModel, ByteModelConfig, enable_activation_checkpointing
 from utils.batches import TrainBatches, evaluation_batches
 from utils.checkpoint import CheckpointManager, load_starting_model, resume_mismatch, set_rng_state
-from utils.config import (TrainingConfig, check_training_config, config_to_dict, model_config_from, resolve_tokenizer,
-                          save_config)
+from utils.config import (TrainingConfig, check_training_config, config_to_dict, model_config_from, parse_config,
+                          resolve_tokenizer, save_config)
 from utils.counting import flops_per_token, measure_peak_flops
 from utils.distributed import (all_reduce_sum, any_rank, barrier, gradient_sync, init_distributed, main_first, teardown,
                                wrap_model)
-from utils.errors import InputError, error_summary, out_of_memory_as_input_error
+from utils.errors import InputError, error_summary, exit_on_input_error, out_of_memory_as_input_error
 from utils.graceful_stop import GracefulStop
 from utils.logger import quiet_transformers, setup_logger
 from utils.lora import add_lora
@@ -35,14 +35,18 @@ from utils.precision import autocast, resolve_compile, resolve_precision
 from utils.progressbar import ProgressBar
 from utils.router_monitor import RouterMonitor
 from utils.samples import greedy_samples
-from utils.task import STOPPED_BY_BAD_STEPS, Task
+from utils.task import Task
+
+# How a run stopped by too many non-finite steps in a row says so (the script then exits with 1).
+STOPPED_BY_BAD_STEPS = "non-finite steps in a row"
+
 
 @dataclass
 class TrainState:
     """Where a run stands; saved in every checkpoint (with the schedule and data position) and restored on resume."""
     step: int = 0
     tokens_seen: int = 0
-    best_val_loss: float | None = None
+    best_metric: float | None = None  # of the task's selection metric (val_loss unless the task names another)
     evals_without_improvement: int = 0
     bad_steps: int = 0
 
@@ -50,6 +54,8 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        if "best_val_loss" in state:  # the name before tasks could select on another metric
+            state["best_metric"] = state.pop("best_val_loss")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -57,7 +63,7 @@ class TrainState:
 class Trainer:
     def __init__(self, config: TrainingConfig, task: Task, resume: str | None = None):
         check_training_config(config)
-        self.config, self.task = config, task
+        self.config, self.task = config, task.variant(config) if task.variant else task
         self.context = context = init_distributed(config.train.device)
         self.out_dir = Path(config.train.out_dir)
         self.log = setup_logger(self.out_dir / "train.log", context.rank)
@@ -86,8 +92,13 @@ class Trainer:
             self.model = model = self.build_model(self.tokenizer).to(context.device)
         if config.train.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        self.batches = TrainBatches(self.train_dataset, self.collate, config.data, config.train, context)
-        steps_per_epoch = self.batches.steps_per_epoch(config.train.grad_accum_steps)
+        self.rollout = self.task.rollout(self) if self.task.rollout else None
+        self.batches = TrainBatches(self.train_dataset, self.collate, config.data, config.train, context,
+                                    self.rollout.prompts_per_step if self.rollout else None)
+        if self.rollout:
+            steps_per_epoch = self.batches.steps_per_epoch(1) * self.rollout.steps_per_rollout
+        else:
+            steps_per_epoch = self.batches.steps_per_epoch(config.train.grad_accum_steps)
         if steps_per_epoch is None and config.train.max_steps is None:
             raise InputError("data.streaming needs train.max_steps (a stream has no known epoch length)")
         self.total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
@@ -111,6 +122,8 @@ class Trainer:
                 _, state, saved_rng = loaded
                 self.scheduler.load_state_dict(state.pop("scheduler"))
                 self.batches.load_state_dict(state.pop("sampler"))
+                if self.rollout:
+                    self.rollout.load_state_dict(state.pop("rollout"))
                 self.state.load_state_dict(state)
         self.loss = self.task.objective(self)
         if context.is_main:
@@ -180,6 +193,7 @@ class Trainer:
         losses, last_eval, reason, bad_in_row = [], None, "finished", 0
         self.start = self.window_start = time.perf_counter()
         self.window_tokens = 0
+        self.window_rollout_s = 0.0
         failed = True
         try:
             with out_of_memory_as_input_error(), GracefulStop() as stop, \
@@ -191,7 +205,12 @@ class Trainer:
                         reason = "stopped by signal"
                         self.save()
                         break
-                    micro_batches = [next(batches) for _ in range(config.train.grad_accum_steps)]
+                    if self.rollout:
+                        rollout_start = time.perf_counter()
+                        micro_batches = self.rollout.step_batches(batches)
+                        self.window_rollout_s += time.perf_counter() - rollout_start
+                    else:
+                        micro_batches = [next(batches) for _ in range(config.train.grad_accum_steps)]
                     loss, grad_norm, finite = self.train_step(micro_batches)
                     state.step += 1
                     step_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.context.world_size
@@ -229,42 +248,66 @@ class Trainer:
             self.metrics.close()
             teardown(self.context, wait=not failed)
         return {"step": state.step, "reason": reason, "losses": losses, "last_eval": last_eval,
-                "best_val_loss": state.best_val_loss, "bad_steps": state.bad_steps, "tokens_seen": state.tokens_seen}
+                "best_metric": state.best_metric, "bad_steps": state.bad_steps, "tokens_seen": state.tokens_seen}
 
     def log_step(self, progress: ProgressBar, loss: float | None, grad_norm: float | None) -> None:
         """A metrics row for this step; throughput and the router's figures cover the steps since the last row."""
-        tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        window_s = max(time.perf_counter() - self.window_start, 1e-9)
+        tokens_per_s = self.window_tokens / window_s
         row = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                "tokens_seen": self.state.tokens_seen, "elapsed_s": time.perf_counter() - self.start,
                **self.step_metrics, **self.router.metrics()}
+        if self.rollout:
+            # Sampling and scoring against the optimizer steps, both in seconds over the steps since the last row.
+            row.update(self.rollout.last_metrics, rollout_s=self.window_rollout_s,
+                       update_s=window_s - self.window_rollout_s)
         self.metrics.write(row)
         shown = {name: self.step_metrics[name] for name in self.task.progress_metrics}
-        progress.update(self.state.step, loss=loss or float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
-        self.window_tokens, self.window_start = 0, time.perf_counter()
+        progress.update(self.state.step, loss=loss if loss is not None else float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
+        self.window_tokens, self.window_start, self.window_rollout_s = 0, time.perf_counter(), 0.0
 
     def save(self) -> None:
         trainer_state = {**self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "sampler": self.batches.state_dict()}
+        if self.rollout:
+            trainer_state["rollout"] = self.rollout.state_dict()
         self.checkpoints.save(self.state.step, self.wrapped, self.optimizer, trainer_state, config_to_dict(self.config))
 
     def early_stop(self, evaluation: dict) -> bool:
         """Record an evaluation (a new best is saved to checkpoints/best/); True when patience has run out."""
         config, state = self.config.eval, self.state
-        if state.best_val_loss is None or evaluation["val_loss"] < state.best_val_loss - config.min_delta:
-            state.best_val_loss, state.evals_without_improvement = evaluation["val_loss"], 0
+        name, higher_is_better = self.task.selection
+        sign = -1 if higher_is_better else 1  # compared as a loss: lower is better
+        if state.best_metric is None or sign * evaluation[name] < sign * state.best_metric - config.min_delta:
+            state.best_metric, state.evals_without_improvement = evaluation[name], 0
             self.checkpoints.save_best(self.wrapped, {"step": state.step, **evaluation})
             return False
         state.evals_without_improvement += 1
         if config.patience and state.evals_without_improvement >= config.patience:
-            self.log.info(f"early stopping: no improvement of val_loss by more than {config.min_delta} in "
-                          f"{config.patience} evaluations (best {state.best_val_loss:.4f})")
+            self.log.info(f"early stopping: no improvement of {name} by more than {config.min_delta} in "
+                          f"{config.patience} evaluations (best {state.best_metric:.4f})")
             return True
         return False
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Target-weighted mean loss over the first `eval.max_batches` validation batches; written to metrics."""
+        """The task's own evaluation, or the validation loss; written to metrics, with samples and plots."""
+        evaluation = self.task.evaluate(self) if self.task.evaluate else self.validation_loss()
+        self.metrics.write({"step": self.state.step, **evaluation, "tokens_seen": self.state.tokens_seen,
+                            "elapsed_s": time.perf_counter() - self.start})
+        figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items() if value is not None)
+        self.log.info(f"step {self.state.step}: {figures}")
+        # A sharded model generates only with every rank taking part; otherwise rank 0 writes alone.
+        if self.context.is_main or (self.context.is_distributed and self.config.train.strategy == "fsdp"):
+            self.write_samples(self.model)
+        if self.rollout and self.context.is_main and self.rollout.last_samples:
+            self.metrics.write_sample_rows(self.state.step, self.rollout.last_samples)
+        self.refresh_plots()
+        return evaluation
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, float]:
+        """Target-weighted mean loss over the first `eval.max_batches` validation batches."""
         model, context = self.forward_model, self.context
         model.eval()
         totals = torch.zeros(2 + len(self.task.metrics), device=context.device)
@@ -282,14 +325,6 @@ class Trainer:
         if self.task.perplexity:
             evaluation["val_ppl"] = perplexity(means[0])
         evaluation.update({f"val_{name}": value for name, value in zip(self.task.metrics, means[2:])})
-        self.metrics.write({"step": self.state.step, **evaluation, "tokens_seen": self.state.tokens_seen,
-                            "elapsed_s": time.perf_counter() - self.start})
-        figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items())
-        self.log.info(f"step {self.state.step}: {figures}")
-        # A sharded model generates only with every rank taking part; otherwise rank 0 writes alone.
-        if context.is_main or (context.is_distributed and self.config.train.strategy == "fsdp"):
-            self.write_samples(self.model)
-        self.refresh_plots()
         return evaluation
 
     def write_samples(self, model: nn.Module, final: bool = False) -> None:
@@ -339,3 +374,22 @@ class Trainer:
                 self.metrics.write({"step": self.state.step, **row})
             self.refresh_plots()
         barrier(self.context)
+
+
+def run_training(task: Task, default_config: str, description: str, argv: list[str] | None = None) -> dict:
+    """A training script's main: parse the config and `--resume`, train, exit 1 when bad steps stopped the run
+    (input errors exit 2, with one line)."""
+
+    def add_arguments(parser) -> None:
+        parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                            help="continue from the latest checkpoint in train.out_dir (auto) or from a step folder")
+
+    @exit_on_input_error
+    def main() -> dict:
+        config, arguments = parse_config(task.config_type, default_config, description, argv, add_arguments)
+        summary = Trainer(config, task, arguments.resume).fit()
+        if summary["reason"].endswith(STOPPED_BY_BAD_STEPS):
+            raise SystemExit(1)
+        return summary
+
+    return main()
