@@ -38,7 +38,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, MixtralForCausalLM  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM,  # noqa: E402
+                          MixtralForCausalLM)
 
 from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
@@ -52,7 +53,7 @@ from utils.quantize import quantize, weight_bytes  # noqa: E402
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
-QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[])  # defaults under --quick
+QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[], grpo_steps=0)  # defaults under --quick
 
 
 def machine() -> str:
@@ -262,6 +263,7 @@ def run(args) -> dict:
                           f"{reference_name}: {same}, as eager: {own}")
         del byte, reference
     run_inference(args, result)
+    grpo_rows(args, result)
     return result
 
 
@@ -438,6 +440,90 @@ def run_inference(args, result: dict) -> None:
         result["inference"] += inference_rows(name, byte, tokenizer, draft, args)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Online RL: a GRPO step against TRL's GRPOTrainer.
+
+
+def grpo_rows(args, result: dict) -> None:
+    """Steps per second of `model_rlhf_train.py`'s GRPO against TRL's GRPOTrainer on the same start: the demo
+    pretraining config's model shape (random weights, so every completion runs to the full length on both sides),
+    the same arithmetic prompts in the same order of batches, G, completion length, loss (dapo, beta 0, one update per
+    rollout), rewards (the three built-ins), optimizer and precision. The median of the timed steps after warm-up."""
+    import tempfile
+
+    import yaml
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    from transformers import TrainerCallback
+
+    import model_rlhf_train
+    from utils.config import PreferenceConfig, build_config, model_config_from, read_yaml
+    from utils.rewards import exact_answer, format_reward, partial_credit
+    from utils.trainer import Trainer
+
+    if not args.grpo_steps:
+        return
+    precision = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    section = read_yaml(Path("configs/model_pretrain.yaml"))["model"]
+    pretrain = build_config(PreferenceConfig, {"model": section})
+    torch.manual_seed(0)
+    byte = ByteModel(model_config_from(pretrain.model, tokenizer))
+    prompts, group = args.grpo_prompts, args.grpo_generations
+    rows = [json.loads(line) for line in Path("datasets/demo/arithmetic_train.jsonl").read_text().splitlines()]
+    warmup, steps = 2, args.grpo_steps
+    with tempfile.TemporaryDirectory() as folder:
+        start = Path(folder) / "start"
+        byte.save_pretrained(start)
+        tokenizer.save_pretrained(start)
+        config = build_config(PreferenceConfig, yaml.safe_load(Path("configs/model_grpo.yaml").read_text()) | {
+            "model": {"init_from": str(start)},
+            "train": {"out_dir": str(Path(folder) / "ours"), "max_steps": warmup + steps,
+                      "micro_batch_size": prompts * group, "precision": precision, "compile": False},
+            "checkpoint": {"every_steps": 10 ** 6}, "eval": {"every_steps": 10 ** 6, "at_start": False},
+            "logging": {"every_steps": 10 ** 6, "swanlab_mode": "disabled", "plots": False}})
+        config.data.val_files = []
+        rlhf = config.rlhf
+        rlhf.num_generations, rlhf.prompts_per_step, rlhf.max_completion_tokens = group, prompts, args.grpo_tokens
+        rlhf.reward_weights = [1.0, 1.0, 1.0]
+        ours = Trainer(config, model_rlhf_train.PREFERENCE)
+        batches = iter(ours.batches)
+        seconds = []
+        for index in range(warmup + steps):
+            started = time.perf_counter()
+            ours.train_step(ours.rollout.step_batches(batches))
+            seconds.append(time.perf_counter() - started)
+        our_rate = 1 / statistics.median(seconds[warmup:])
+        ours.metrics.close()
+
+        class StepTimes(TrainerCallback):
+            def __init__(self):
+                self.times = [time.perf_counter()]
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.times.append(time.perf_counter())
+
+        timer = StepTimes()
+        trl_args = GRPOConfig(
+            output_dir=str(Path(folder) / "trl"), per_device_train_batch_size=prompts * group, num_generations=group,
+            max_completion_length=args.grpo_tokens, max_steps=warmup + steps, learning_rate=config.optim.lr,
+            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=config.optim.grad_clip, beta=0.0,
+            loss_type="dapo", epsilon=rlhf.epsilon, epsilon_high=rlhf.epsilon_high, temperature=rlhf.temperature,
+            bf16=precision == "bf16", use_cpu=True, report_to="none", logging_steps=10 ** 6, save_strategy="no",
+            seed=config.train.seed, dataloader_num_workers=0)
+        trl = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), processing_class=tokenizer,
+                          reward_funcs=[exact_answer, partial_credit, format_reward], args=trl_args,
+                          train_dataset=Dataset.from_list(rows), callbacks=[timer])
+        trl.train()
+        their_rate = 1 / statistics.median(torch.tensor(timer.times).diff().tolist()[warmup:])
+    shape = f"{prompts}x{group}+{args.grpo_tokens}"
+    for name, rate in (("StellarByte", our_rate), ("TRL GRPOTrainer", their_rate)):
+        result["rows"].append({"model": "demo", "task": "grpo step", "precision": precision, "variant": name,
+                               "batch": shape, "tokens_per_s": rate * prompts * group * args.grpo_tokens,
+                               "steps_per_s": rate, "peak_memory_mib": 0.0, "ratio": rate / their_rate})
+        print(f"  grpo {precision:5} {name:20} {rate:6.2f} steps/s  x{rate / their_rate:.2f}")
+
+
 def markdown(result: dict) -> str:
     lines = ["# Benchmark: ByteModel against transformers", "",
              f"Measured {result['date']} on {result['machine']}. Matrix-multiply peak measured in the same run: "
@@ -506,6 +592,10 @@ def main(argv: list[str] | None = None) -> Path:
                         help="windows of 256 validation tokens for perplexity and top-1 agreement")
     parser.add_argument("--val-files", nargs="+", default=["datasets/demo/pretrain_val.jsonl"])
     parser.add_argument("--tokenizer", default="tokenizer", help="encodes the text for the `dense` model")
+    parser.add_argument("--grpo-steps", type=int, default=8, help="timed GRPO steps of each side (0: no GRPO rows)")
+    parser.add_argument("--grpo-prompts", type=int, default=8, help="prompts per GRPO step")
+    parser.add_argument("--grpo-generations", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--grpo-tokens", type=int, default=32, help="tokens per completion")
     parser.add_argument("--out", default="model_info")
     parser.add_argument("--quick", action="store_true",
                         help="a check rather than the full measurement: fp32 only, no compiled variants, generation "

@@ -179,6 +179,10 @@ class GRPORollout:
         self.remaining = 0
         self.last_metrics: dict = {}
         self.last_samples: list[dict] = []
+        # One seed per rank (as TRL's device_specific seed): with the seed they share, the ranks would draw the same
+        # random numbers and, while the policy is still flat, sample nearly the same tokens for different prompts.
+        # Checkpoints keep every rank's generator state, so a resumed run continues the same streams.
+        torch.manual_seed(trainer.config.train.seed + trainer.context.rank)
 
     # ------------------------------------------------------------------ generation
 

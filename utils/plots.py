@@ -70,7 +70,7 @@ def panel(figure: Figure, position: int, columns: int, title: str, rows: list[di
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the run's figures to run_dir/plots/ and return their paths: loss against steps and tokens seen,
     the optimizer's learning rate and gradient norm, throughput; the expert load of an MoE run; the rewards of a
-    preference run."""
+    preference run; the rewards, completion lengths and policy statistics of a GRPO run."""
     run_dir = Path(run_dir)
     rows, folder, written = read_rows(run_dir), run_dir / "plots", []
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         panel(figure, 2, 2, "rewards (validation)", rows,
               ["val_rewards_chosen", "val_rewards_rejected", "val_reward_margin"])
         written.append(save_figure(figure, folder / "preference.png"))
+    if any("reward" in row for row in rows):
+        figure = Figure(figsize=(15, 4), layout="constrained")
+        panel(figure, 1, 3, "reward (sampled; greedy on validation prompts)", rows,
+              ["reward", "val_reward", "val_accuracy"])
+        panel(figure, 2, 3, "completion length (tokens)", rows, ["completion_length"])
+        panel(figure, 3, 3, "policy", rows, ["entropy", "clip_ratio", "kl", "frac_reward_zero_std"])
+        written.append(save_figure(figure, folder / "reward.png"))
     loads = [(row["step"], row["expert_load"]) for row in rows if row.get("expert_load")]
     if loads:
         written.append(save_figure(expert_load_figure(loads), folder / "expert_load.png"))

@@ -193,7 +193,7 @@ class Trainer:
         losses, last_eval, reason, bad_in_row = [], None, "finished", 0
         self.start = self.window_start = time.perf_counter()
         self.window_tokens = 0
-        self.window_rollout_s = 0.0
+        self.window_rollout_s = self.window_update_s = 0.0
         failed = True
         try:
             with out_of_memory_as_input_error(), GracefulStop() as stop, \
@@ -211,7 +211,9 @@ class Trainer:
                         self.window_rollout_s += time.perf_counter() - rollout_start
                     else:
                         micro_batches = [next(batches) for _ in range(config.train.grad_accum_steps)]
+                    update_start = time.perf_counter()
                     loss, grad_norm, finite = self.train_step(micro_batches)
+                    self.window_update_s += time.perf_counter() - update_start
                     state.step += 1
                     step_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * self.context.world_size
                     state.tokens_seen += step_tokens
@@ -259,13 +261,13 @@ class Trainer:
                "tokens_seen": self.state.tokens_seen, "elapsed_s": time.perf_counter() - self.start,
                **self.step_metrics, **self.router.metrics()}
         if self.rollout:
-            # Sampling and scoring against the optimizer steps, both in seconds over the steps since the last row.
-            row.update(self.rollout.last_metrics, rollout_s=self.window_rollout_s,
-                       update_s=window_s - self.window_rollout_s)
+            # Sampling and scoring against the optimizer steps: seconds over the steps since the last row.
+            row.update(self.rollout.last_metrics, rollout_s=self.window_rollout_s, update_s=self.window_update_s)
         self.metrics.write(row)
         shown = {name: self.step_metrics[name] for name in self.task.progress_metrics}
         progress.update(self.state.step, loss=loss if loss is not None else float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
-        self.window_tokens, self.window_start, self.window_rollout_s = 0, time.perf_counter(), 0.0
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        self.window_rollout_s = self.window_update_s = 0.0
 
     def save(self) -> None:
         trainer_state = {**self.state.state_dict(), "scheduler": self.scheduler.state_dict(),
