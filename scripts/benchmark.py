@@ -447,8 +447,8 @@ def run_inference(args, result: dict) -> None:
 def grpo_rows(args, result: dict) -> None:
     """Steps per second of `model_rlhf_train.py`'s GRPO against TRL's GRPOTrainer on the same start: the demo
     pretraining config's model shape (random weights, so every completion runs to the full length on both sides),
-    the same arithmetic prompts in the same order of batches, G, completion length, loss (dapo, beta 0, one update per
-    rollout), rewards (the three built-ins), optimizer and precision. The median of the timed steps after warm-up."""
+    the same arithmetic prompts, G, completion length, loss (dapo, beta 0, one update per rollout), rewards and
+    weights (the demo's), optimizer and precision. The median of the timed steps after warm-up."""
     import tempfile
 
     import yaml
@@ -458,7 +458,7 @@ def grpo_rows(args, result: dict) -> None:
 
     import model_rlhf_train
     from utils.config import PreferenceConfig, build_config, model_config_from, read_yaml
-    from utils.rewards import exact_answer, format_reward, partial_credit
+    from utils.rewards import load_reward_functions
     from utils.trainer import Trainer
 
     if not args.grpo_steps:
@@ -485,7 +485,6 @@ def grpo_rows(args, result: dict) -> None:
         config.data.val_files = []
         rlhf = config.rlhf
         rlhf.num_generations, rlhf.prompts_per_step, rlhf.max_completion_tokens = group, prompts, args.grpo_tokens
-        rlhf.reward_weights = [1.0, 1.0, 1.0]
         ours = Trainer(config, model_rlhf_train.PREFERENCE)
         batches = iter(ours.batches)
         seconds = []
@@ -508,11 +507,12 @@ def grpo_rows(args, result: dict) -> None:
             output_dir=str(Path(folder) / "trl"), per_device_train_batch_size=prompts * group, num_generations=group,
             max_completion_length=args.grpo_tokens, max_steps=warmup + steps, learning_rate=config.optim.lr,
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=config.optim.grad_clip, beta=0.0,
-            loss_type="dapo", epsilon=rlhf.epsilon, epsilon_high=rlhf.epsilon_high, temperature=rlhf.temperature,
+            loss_type="dapo", reward_weights=rlhf.reward_weights, epsilon=rlhf.epsilon, epsilon_high=rlhf.epsilon_high, temperature=rlhf.temperature,
             bf16=precision == "bf16", use_cpu=True, report_to="none", logging_steps=10 ** 6, save_strategy="no",
             seed=config.train.seed, dataloader_num_workers=0)
         trl = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), processing_class=tokenizer,
-                          reward_funcs=[exact_answer, partial_credit, format_reward], args=trl_args,
+                          reward_funcs=[function for _, function in load_reward_functions(rlhf.reward_functions)],
+                          args=trl_args,
                           train_dataset=Dataset.from_list(rows), callbacks=[timer])
         trl.train()
         their_rate = 1 / statistics.median(torch.tensor(timer.times).diff().tolist()[warmup:])

@@ -413,7 +413,7 @@ def test_a_plain_llama_learns_a_reward_of_the_users_own(start, tmp_path):
 BAD_INPUT = {
     "module does not import": ({"rlhf": {"reward_functions": ["grpo_broken_rewards:score"]}},
                                "grpo_broken_rewards", False),
-    "not callable": ({"rlhf": {"reward_functions": [f"{REWARDS_MODULE}:NOT_CALLABLE"]}}, "not a function", False),
+    "not callable": ({"rlhf": {"reward_functions": [f"{REWARDS_MODULE}:NOT_CALLABLE"]}}, "is not callable", False),
     "wrong count": ({"rlhf": {"reward_functions": [f"{REWARDS_MODULE}:wrong_count"]}}, "wrong_count returned 1",
                     True),
     "NaN": ({"rlhf": {"reward_functions": [f"{REWARDS_MODULE}:not_finite"]}}, "finite", True),

@@ -16,7 +16,7 @@ import torch
 from helpers import DEMO
 from utils.errors import InputError
 from utils.rewards import (completion_text, exact_answer, format_reward, load_reward_functions, partial_credit,
-                           score_completions)
+                           restated_operands, score_completions)
 
 BUILT_INS = {"exact_answer": exact_answer, "partial_credit": partial_credit, "format_reward": format_reward}
 
@@ -65,6 +65,13 @@ def test_format_reward_scores_every_row_without_an_answer_column():
     assert format_reward(completions=["1 + 1 = 2", "2"], prompts=["a", "b"]) == [1.0, 0.0]
 
 
+def test_restated_operands_checks_the_questions_numbers_in_order():
+    prompts = [[{"role": "user", "content": "What is 7 plus 5?"}]] * 4 + ["7 减 5 是多少？", "What is seven plus five?"]
+    replies = ["7 + 5 = 13", "5 + 7 = 12", "7 + 15 = 22", "12", "7 - 5 = 2", "7 + 5 = 12"]
+    completions = [conversational(reply) for reply in replies[:4]] + replies[4:]
+    assert restated_operands(prompts, completions) == [1.0, 0.0, 0.0, 0.0, 1.0, None]
+
+
 def test_an_answer_that_is_not_an_integer_is_one_line_naming_the_function():
     with pytest.raises(InputError, match=r"^exact_answer: answer 'twelve' is not an integer$"):
         exact_answer(completions=["12"], answer=["twelve"])
@@ -108,7 +115,7 @@ def test_loads_project_and_user_functions_by_path(user_module):
     ("user_rewards_broken:f", "cannot import user_rewards_broken: the reward module is broken"),
     ("user_rewards_missing_dependency:f", "No module named 'no_such_dependency'"),
     ("utils.rewards:no_such_function", "module utils.rewards has no attribute no_such_function"),
-    ("utils.rewards:MAX_DIGITS", "MAX_DIGITS is a int, not a function"),
+    ("utils.rewards:MAX_DIGITS", "MAX_DIGITS is not callable (a int)"),
 ])
 def test_each_load_error_is_one_line_naming_the_path(user_module, path, detail):
     user_module("user_rewards_broken", "raise RuntimeError('the reward module is broken\\nsecond line')\n")

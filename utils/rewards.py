@@ -28,6 +28,7 @@ RewardFunction = Callable[..., list[float | None]]
 INTEGER = re.compile(r"(?<![0-9])-?[0-9]+")
 AFTER_EQUALS = re.compile(r"=\s*(-?[0-9]+)")
 DEMO_FORMAT = re.compile(r"-?[0-9]+ [+-] -?[0-9]+ = -?[0-9]+")
+DEMO_OPERANDS = re.compile(r"(-?[0-9]+) [+-] (-?[0-9]+) =")
 # Python refuses to parse integers longer than 4300 digits; no answer of the task comes near.
 MAX_DIGITS = 100
 
@@ -89,6 +90,21 @@ def format_reward(completions: list, answer: list | None = None, **kwargs) -> li
     return [None if expected is None else reward for reward, expected in zip(rewards, answer, strict=True)]
 
 
+def restated_operands(prompts: list, completions: list, **kwargs) -> list[float | None]:
+    """1.0 when the reply's two operands are the first two integers of the question, in order (`7 + 5` for "What is
+    7 plus 5?"), else 0.0: the exact answer alone would let a policy that copies the question wrongly drift
+    further. A question without two integers abstains."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        question = INTEGER.findall(completion_text(prompt) if isinstance(prompt, list) else prompt)
+        if len(question) < 2:
+            rewards.append(None)
+            continue
+        restated = DEMO_OPERANDS.match(completion_text(completion).strip())
+        rewards.append(float(restated is not None and list(restated.groups()) == question[:2]))
+    return rewards
+
+
 def load_reward_functions(paths: list[str]) -> list[tuple[str, RewardFunction]]:
     """Import each "module:function" path; returns (function name, function) pairs. Names must be unique, since
     the metrics are reported under them."""
@@ -108,7 +124,7 @@ def load_reward_functions(paths: list[str]) -> list[tuple[str, RewardFunction]]:
             raise InputError(f"rlhf.reward_functions: {path}: module {module_name} has no attribute {name}")
         function = getattr(module, name)
         if not callable(function):
-            raise InputError(f"rlhf.reward_functions: {path}: {name} is a {type(function).__name__}, not a function")
+            raise InputError(f"rlhf.reward_functions: {path}: {name} is not callable (a {type(function).__name__})")
         if name in functions:
             raise InputError(f"rlhf.reward_functions: {functions[name][0]} and {path} share the name {name}; "
                              f"metrics are reported by name, so rename one")
