@@ -11,7 +11,8 @@ benchmark model and the demo's trained models (`--inference-models`) in fp32, in
 eager and with the compiled static-cache step, and with a draft (`--draft`, and the model's own int8 copy) for
 speculative decoding: greedy tokens/s at batch 1 and 8, weights read per token against the streaming-read bandwidth
 measured in the same run, the draft's acceptance rate, perplexity and top-1 agreement on the demo validation text,
-all against transformers' fp32 Llama at the same weights. Writes `model_info/benchmark.md`
+all against transformers' fp32 Llama at the same weights. Last, a GRPO step of `model_rlhf_train.py` against TRL's
+GRPOTrainer on the same model, prompts and loss (`--grpo-steps`). Writes `model_info/benchmark.md`
 and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with generation at batch 1 only, for a check
 (`scripts/bench_model.py` runs it on the dense model). Run it alone: on a 2-core machine a second busy process
 distorts every number.
@@ -520,7 +521,7 @@ def grpo_rows(args, result: dict) -> None:
     for name, rate in (("StellarByte", our_rate), ("TRL GRPOTrainer", their_rate)):
         result["rows"].append({"model": "demo", "task": "grpo step", "precision": precision, "variant": name,
                                "batch": shape, "tokens_per_s": rate * prompts * group * args.grpo_tokens,
-                               "steps_per_s": rate, "peak_memory_mib": 0.0, "ratio": rate / their_rate})
+                               "steps_per_s": rate, "peak_memory_mib": None, "ratio": rate / their_rate})
         print(f"  grpo {precision:5} {name:20} {rate:6.2f} steps/s  x{rate / their_rate:.2f}")
 
 
@@ -536,12 +537,15 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         mfu = f"{row['mfu']:.2f}" if "mfu" in row else ""
+        memory = "" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:,.0f} MiB"
         equal = "" if "tokens_equal_eager" not in row else (
             f"{'yes' if row['tokens_equal_reference'] else 'no'} / {'yes' if row['tokens_equal_eager'] else 'no'}")
         lines.append(f"| {row['model']} | {row['task']} | {row['precision']} | {row['variant']} | {row['batch']} | "
-                     f"{row['tokens_per_s']:,.0f} | {mfu} | {row['ratio']:.2f} | {row['peak_memory_mib']:,.0f} MiB | "
+                     f"{row['tokens_per_s']:,.0f} | {mfu} | {row['ratio']:.2f} | {memory} | "
                      f"{equal} |")
-    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones.", ""]
+    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones. GRPO step: prompts x "
+              "completions per prompt + completion tokens, one optimizer step on a fresh rollout; tokens/s counts "
+              "completion tokens, the ratio is against TRL's GRPOTrainer in the same run.", ""]
     if result.get("inference"):
         lines += ["## Inference: quantized weights and speculative decoding", "",
                   f"Greedy generation of {result['settings']['inference_new_tokens']} tokens after "

@@ -76,3 +76,21 @@ def test_inference_rows_are_consistent(rows):
 def test_stream_read_bandwidth_is_plausible():
     """The measured streaming read is a bandwidth of a real machine: between 0.1 and 1000 GB/s."""
     assert 1e8 < benchmark.stream_read_bandwidth(megabytes=64, repeats=2) < 1e12
+
+
+@pytest.mark.slow
+def test_grpo_rows_time_both_trainers_on_the_same_work(tmp_path, monkeypatch):
+    """The GRPO rows: our step and TRL's GRPOTrainer's, each a positive rate, the ratio ours / theirs."""
+    monkeypatch.chdir(ROOT)
+    args = argparse.Namespace(grpo_steps=1, grpo_prompts=2, grpo_generations=2, grpo_tokens=4,
+                              tokenizer=str(ROOT / "tokenizer"))
+    result = {"rows": []}
+    with torch.random.fork_rng():
+        benchmark.grpo_rows(args, result)
+    ours, theirs = result["rows"]
+    assert (ours["variant"], theirs["variant"]) == ("StellarByte", "TRL GRPOTrainer")
+    assert ours["steps_per_s"] > 0 and theirs["steps_per_s"] > 0 and theirs["ratio"] == 1.0
+    assert ours["ratio"] == pytest.approx(ours["steps_per_s"] / theirs["steps_per_s"])
+    assert ours["tokens_per_s"] == pytest.approx(ours["steps_per_s"] * 2 * 2 * 4)
+    assert "| grpo step |" in benchmark.markdown({**result, "date": "d", "machine": "m", "peak_matmul_flops": {},
+                                                  "settings": {}})

@@ -173,3 +173,29 @@ def test_inverse_cdf_sampling_draws_from_the_warped_distribution():
     frequencies = torch.bincount(chosen, minlength=8).float() / draws
     assert (frequencies[expected == 0] == 0).all() and (expected == 0).sum() >= 2
     torch.testing.assert_close(frequencies, expected, atol=0.012, rtol=0)
+
+
+def test_rollouts_ignore_the_generation_settings_saved_with_the_model():
+    """A folder's generation_config.json (a repetition penalty, a ban on repeated tokens) must not shape the
+    completions: the loss scores them under the plain distribution."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from utils.grpo import GRPORollout
+
+    torch.manual_seed(0)
+    model = ByteModel(tiny_config(vocab_size=16, hidden_size=32, eos_token_id=15, pad_token_id=0)).eval()
+    prompt = torch.tensor([[3, 4, 3, 4, 3, 4]])
+    plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=GenerationConfig(
+        do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0))[:, 6:]
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    rollout = GRPORollout.__new__(GRPORollout)
+    rollout.trainer = SimpleNamespace(model=model, context=SimpleNamespace(device=torch.device("cpu")),
+                                      dtype=torch.float32)
+    rollout.section = RlhfSection(method="grpo", max_completion_tokens=12)
+    rollout.eos_token_id, rollout.pad_token_id, rollout.synced = 15, 0, False
+    completion, _ = rollout.generate(prompt, torch.ones_like(prompt), sample=False)
+    assert len(set(plain[0].tolist())) < plain.shape[1]  # the plain greedy reply repeats a token...
+    assert torch.equal(completion, plain)  # ...and so does the rollout's, whatever the folder says
+    assert model.generation_config.repetition_penalty == 5.0  # restored afterwards

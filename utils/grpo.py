@@ -205,8 +205,7 @@ class GRPORollout:
     # ------------------------------------------------------------------ generation
 
     def generation_config(self) -> GenerationConfig:
-        # Built here, not taken from the model's folder: a saved generation_config.json (temperature 0.8, top_p 0.9)
-        # must not change what the rollouts sample. Greedy over the scores `sampling_processors` leave: a sample.
+        # Greedy over the scores that `sampling_processors` leave: a sample.
         return GenerationConfig(max_new_tokens=self.section.max_completion_tokens, do_sample=False,
                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
 
@@ -229,16 +228,19 @@ class GRPORollout:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(completion ids [rows, width], completion mask): tokens after a row's end token are padding."""
         model, trainer = self.trainer.model, self.trainer
-        training = model.training
+        training, saved_config = model.training, model.generation_config
+        # generate fills what a config leaves unset from the model's own (a folder's repetition penalty, say):
+        # the rollout's config stands in for it, so that nothing but the sampling processors shapes a draw.
+        model.generation_config = config = self.generation_config()
         model.eval()
         try:
             with autocast(trainer.context.device, trainer.dtype):
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                        generation_config=self.generation_config(),
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                         logits_processor=self.sampling_processors() if sample else None,
                                         synced_gpus=self.synced)
         finally:
             model.train(training)
+            model.generation_config = saved_config
         completion_ids = output[:, input_ids.shape[1]:]
         if completion_ids.shape[1] == 0:
             completion_ids = torch.full_like(input_ids[:, :1], self.eos_token_id)
