@@ -27,6 +27,22 @@ def tiny_config(**overrides) -> ByteModelConfig:
     return ByteModelConfig(**kwargs)
 
 
+def save_tiny_start(folder: Path) -> Path:
+    """A tiny random ByteModel with the demo tokenizer (its vocabulary and special tokens), saved to `folder` with
+    that tokenizer: a starting model (`model.init_from`) for the preference stage's tests."""
+    from transformers import AutoTokenizer
+
+    from model import ByteModel
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "tokenizer")
+    torch.manual_seed(0)
+    ByteModel(tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def llama_config_from(config: ByteModelConfig, attn_implementation: str = "sdpa") -> LlamaConfig:
     """A transformers LlamaConfig with exactly the same architecture fields as `config`."""
     llama = LlamaConfig(

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import tiny_config, write_lines
-from model import ByteModel
+from helpers import save_tiny_start, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import run_training
@@ -36,12 +35,7 @@ def start(tmp_path_factory) -> dict[str, Path]:
     """A tiny starting model with the demo tokenizer, and pairs built from the SFT validation conversations (the
     next conversation's reply is the rejected one)."""
     folder = tmp_path_factory.mktemp("rlhf")
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
-    torch.manual_seed(0)
-    ByteModel(tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          max_position_embeddings=128)).save_pretrained(folder / "sft")
-    tokenizer.save_pretrained(folder / "sft")
+    save_tiny_start(folder / "sft")
     conversations = [json.loads(line)["conversations"] for line in SFT_VAL.read_text().splitlines()]
     pairs = []
     for index, turns in enumerate(conversations):

@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import tiny_config, write_lines
-from model import ByteModel
+from helpers import save_tiny_start, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import Trainer, run_training
@@ -105,12 +104,7 @@ def start(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """A tiny starting model with the demo tokenizer, 32 training and 16 validation prompts of the arithmetic task,
     and a folder of reward modules."""
     folder = tmp_path_factory.mktemp("grpo")
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
-    torch.manual_seed(0)
-    ByteModel(tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          max_position_embeddings=128)).save_pretrained(folder / "start")
-    tokenizer.save_pretrained(folder / "start")
+    save_tiny_start(folder / "start")
     lines = ARITHMETIC.read_text(encoding="utf-8").splitlines()
     rewards = folder / "rewards"
     rewards.mkdir()

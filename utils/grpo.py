@@ -11,7 +11,6 @@ the same ratio, as TRL's default `use_bias_correction_kl`).
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList
 from utils.data import PromptCollator
 from utils.distributed import all_gather_objects, all_reduce_sum
 from utils.precision import autocast
-from utils.preference import reference_model
+from utils.preference import PreferenceOutput, reference_model
 from utils.rewards import load_reward_functions, score_completions
 
 # What the loss reports, as means over the step's completion tokens.
@@ -56,14 +55,6 @@ def token_logps(model: nn.Module, batch: dict, temperature: float):
     return logps, entropy, outputs
 
 
-@dataclass
-class GRPOOutput:
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    aux_loss: torch.Tensor | None = None  # an MoE policy's balancing terms, for the router monitor
-    z_loss: torch.Tensor | None = None
-
-
 def grpo_targets(batch: dict) -> int:
     """What a step's loss is normalised by: completions (grpo, dr_grpo) or completion tokens (bnpo, dapo), as the
     rollout wrote into each micro-batch."""
@@ -82,7 +73,7 @@ class GRPOLoss:
         self.router_weights = (getattr(model_config, "router_aux_loss_coef", 0.0) or 0.0,
                                getattr(model_config, "router_z_loss_coef", 0.0) or 0.0)
 
-    def __call__(self, model: nn.Module, batch: dict, num_items_in_batch: float | None) -> GRPOOutput:
+    def __call__(self, model: nn.Module, batch: dict, num_items_in_batch: float | None) -> PreferenceOutput:
         section = self.section
         logps, entropy, outputs = token_logps(model, batch, section.temperature)
         mask = batch["completion_mask"].float()
@@ -117,7 +108,7 @@ class GRPOLoss:
                                                                            & (advantages > 0))
             metrics = {"clip_ratio": (region.float() * mask).sum() * scale, "entropy": (entropy * mask).sum() * scale,
                        "kl": (kl * mask).sum() * scale if kl is not None else torch.zeros((), device=mask.device)}
-        return GRPOOutput(loss, metrics, aux_loss, z_loss)
+        return PreferenceOutput(loss, metrics, aux_loss, z_loss)
 
 
 def grpo_objective(trainer) -> GRPOLoss:
