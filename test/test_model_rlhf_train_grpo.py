@@ -446,3 +446,30 @@ def test_bad_input_ends_with_one_line_and_exit_2(start, tmp_path, capsys, case):
         assert " INFO " in lines[0] and "tokenizer:" in lines[0]
     # Nothing of a run was written.
     assert not (out_dir / "checkpoints").exists() and not (out_dir / "final").exists()
+
+
+def first_rollout(start: dict[str, Path], out_dir: Path, **rlhf) -> tuple[list[dict], dict]:
+    """The first step's micro-batches and the rollout's metrics, for a configuration that differs in `rlhf` only."""
+    run = trainer(values(start, out_dir, rlhf=rlhf))
+    torch.manual_seed(3)
+    micro_batches = run.rollout.step_batches(iter(run.batches))
+    run.metrics.close()
+    return micro_batches, run.rollout.last_metrics
+
+
+def test_reward_weights_and_scale_rewards_reach_the_rollout(start, tmp_path):
+    """Same samples, other settings: the weights make the total reward, scale_rewards divides the advantages."""
+    plain, metrics = first_rollout(start, tmp_path / "a", scale_rewards="none")
+    weights_ = [2.0, 0.0, 1.0, 0.5]
+    weighted, weighted_metrics = first_rollout(start, tmp_path / "b", scale_rewards="none", reward_weights=weights_)
+    names = ["exact_answer", "partial_credit", "format_reward", LOW_IDS.split(":")[1]]
+    assert metrics["reward"] == pytest.approx(sum(metrics[f"reward_{name}"] for name in names))
+    assert weighted_metrics["reward"] == pytest.approx(
+        sum(weight * metrics[f"reward_{name}"] for weight, name in zip(weights_, names)))
+    scaled, _ = first_rollout(start, tmp_path / "c", scale_rewards="group")
+    centred = torch.cat([batch["advantages"] for batch in plain])
+    assert centred.abs().sum() > 0 and torch.cat([batch["input_ids"].flatten() for batch in plain]).equal(
+        torch.cat([batch["input_ids"].flatten() for batch in scaled]))
+    groups = centred.view(-1, 4)
+    expected = groups / (groups.std(dim=1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(torch.cat([batch["advantages"] for batch in scaled]), expected.flatten())
