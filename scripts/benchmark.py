@@ -54,7 +54,8 @@ from utils.quantize import quantize, weight_bytes  # noqa: E402
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
-QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[], grpo_steps=0)  # defaults under --quick
+# Defaults under --quick.
+QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[], grpo_steps=0)
 
 
 def machine() -> str:
@@ -477,15 +478,18 @@ def grpo_rows(args, result: dict) -> None:
         start = Path(folder) / "start"
         byte.save_pretrained(start)
         tokenizer.save_pretrained(start)
-        config = build_config(PreferenceConfig, yaml.safe_load(Path("configs/model_grpo.yaml").read_text()) | {
-            "model": {"init_from": str(start)},
-            "train": {"out_dir": str(Path(folder) / "ours"), "max_steps": warmup + steps,
-                      "micro_batch_size": prompts * group, "precision": precision, "compile": False},
-            "checkpoint": {"every_steps": 10 ** 6}, "eval": {"every_steps": 10 ** 6, "at_start": False},
-            "logging": {"every_steps": 10 ** 6, "swanlab_mode": "disabled", "plots": False}})
-        config.data.val_files = []
+        values = yaml.safe_load(Path("configs/model_grpo.yaml").read_text())
+        for section, overrides in {
+                "model": {"init_from": str(start)}, "data": {"val_files": []},
+                "train": {"out_dir": str(Path(folder) / "ours"), "max_steps": warmup + steps,
+                          "micro_batch_size": prompts * group, "precision": precision, "compile": False},
+                "checkpoint": {"every_steps": 10 ** 6}, "eval": {"every_steps": 10 ** 6, "at_start": False},
+                "logging": {"every_steps": 10 ** 6, "swanlab_mode": "disabled", "plots": False},
+                "rlhf": {"num_generations": group, "prompts_per_step": prompts,
+                         "max_completion_tokens": args.grpo_tokens}}.items():
+            values[section] = {**values.get(section, {}), **overrides}
+        config = build_config(PreferenceConfig, values)
         rlhf = config.rlhf
-        rlhf.num_generations, rlhf.prompts_per_step, rlhf.max_completion_tokens = group, prompts, args.grpo_tokens
         ours = Trainer(config, model_rlhf_train.PREFERENCE)
         batches = iter(ours.batches)
         seconds = []
@@ -508,13 +512,13 @@ def grpo_rows(args, result: dict) -> None:
             output_dir=str(Path(folder) / "trl"), per_device_train_batch_size=prompts * group, num_generations=group,
             max_completion_length=args.grpo_tokens, max_steps=warmup + steps, learning_rate=config.optim.lr,
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=config.optim.grad_clip, beta=0.0,
-            loss_type="dapo", reward_weights=rlhf.reward_weights, epsilon=rlhf.epsilon, epsilon_high=rlhf.epsilon_high, temperature=rlhf.temperature,
+            loss_type="dapo", reward_weights=rlhf.reward_weights, epsilon=rlhf.epsilon, epsilon_high=rlhf.epsilon_high,
+            temperature=rlhf.temperature,
             bf16=precision == "bf16", use_cpu=True, report_to="none", logging_steps=10 ** 6, save_strategy="no",
             seed=config.train.seed, dataloader_num_workers=0)
         trl = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(start), processing_class=tokenizer,
                           reward_funcs=[function for _, function in load_reward_functions(rlhf.reward_functions)],
-                          args=trl_args,
-                          train_dataset=Dataset.from_list(rows), callbacks=[timer])
+                          args=trl_args, train_dataset=Dataset.from_list(rows), callbacks=[timer])
         trl.train()
         their_rate = 1 / statistics.median(torch.tensor(timer.times).diff().tolist()[warmup:])
     shape = f"{prompts}x{group}+{args.grpo_tokens}"
@@ -543,9 +547,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['task']} | {row['precision']} | {row['variant']} | {row['batch']} | "
                      f"{row['tokens_per_s']:,.0f} | {mfu} | {row['ratio']:.2f} | {memory} | "
                      f"{equal} |")
-    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones. GRPO step: prompts x "
-              "completions per prompt + completion tokens, one optimizer step on a fresh rollout; tokens/s counts "
-              "completion tokens, the ratio is against TRL's GRPOTrainer in the same run.", ""]
+    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones. GRPO step: "
+              "prompts x completions per prompt + completion tokens, one optimizer step on a fresh rollout; tokens/s "
+              "counts completion tokens, the ratio is against TRL's GRPOTrainer in the same run.", ""]
     if result.get("inference"):
         lines += ["## Inference: quantized weights and speculative decoding", "",
                   f"Greedy generation of {result['settings']['inference_new_tokens']} tokens after "

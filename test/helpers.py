@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -41,6 +42,20 @@ def save_tiny_start(folder: Path) -> Path:
                           max_position_embeddings=128)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def cli_arguments(config_values: dict) -> list[str]:
+    """A nested config dict as a training script's `--section.key=VALUE` overrides."""
+    return [f"--{section}.{key}={json.dumps(value)}" for section, entries in config_values.items()
+            for key, value in entries.items()]
+
+
+def script_environment(*paths: Path) -> dict[str, str]:
+    """The environment of a training script run as a subprocess: the repository (and `paths`) importable, one
+    thread per process."""
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (root, *paths))), "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def llama_config_from(config: ByteModelConfig, attn_implementation: str = "sdpa") -> LlamaConfig:

@@ -3,7 +3,6 @@ resume after a signal, DDP equal to accumulation, one-line input errors, and a f
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import save_tiny_start, write_lines
+from helpers import cli_arguments, save_tiny_start, script_environment, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import run_training
@@ -124,15 +123,6 @@ def test_precomputed_reference_is_stored_once_and_reused_on_resume(start, straig
                                torch.tensor(straight_run[0]["losses"]), atol=1e-5, rtol=0)
 
 
-def environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def cli_arguments(config_values: dict) -> list[str]:
-    return [f"--{section}.{key}={json.dumps(value)}" for section, entries in config_values.items()
-            for key, value in entries.items()]
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(start, tmp_path):
     runs = {"ddp": (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 1),
@@ -143,7 +133,7 @@ def test_ddp_two_processes_equal_one_process_with_doubled_accumulation(start, tm
                                                                         "grad_accum_steps": accumulation},
                                          checkpoint={"every_steps": 4}, eval={"every_steps": 4}))
         processes[name] = subprocess.Popen([sys.executable, *launcher, "model_rlhf_train.py", *arguments], cwd=ROOT,
-                                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           env=script_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                            text=True)
     for name, process in processes.items():
         output, _ = process.communicate(timeout=300)

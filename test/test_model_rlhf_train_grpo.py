@@ -5,7 +5,6 @@ own, and one-line input errors."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import save_tiny_start, write_lines
+from helpers import cli_arguments, save_tiny_start, script_environment, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import Trainer, run_training
@@ -268,16 +267,6 @@ def test_the_micro_batch_split_leaves_losses_and_gradients_unchanged(start, stra
         assert one["entropy"] == pytest.approx(four["entropy"], abs=1e-5)  # a mean near ln 6400 in float32
 
 
-def environment(*paths: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, *paths))), "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-def cli_arguments(config_values: dict) -> list[str]:
-    return [f"--{section}.{key}={json.dumps(value)}" for section, entries in config_values.items()
-            for key, value in entries.items()]
-
-
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -296,7 +285,7 @@ def launch(launcher: list[str], folder: Path, start: dict[str, Path], module: Pa
     script = module / "groups_of_lengths.py" if greedy else ROOT / "model_rlhf_train.py"
     return subprocess.Popen([*launcher, str(script), *arguments,
                              *(["--resume", "auto"] if resume else [])], cwd=ROOT,
-                            env={**environment(module), "SCORED": str(folder / "scored")},
+                            env={**script_environment(module), "SCORED": str(folder / "scored")},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

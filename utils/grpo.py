@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from utils.data import PromptCollator
+from utils.batches import model_inputs
 from utils.distributed import all_gather_objects, all_reduce_sum
 from utils.precision import autocast
 from utils.preference import PreferenceOutput, reference_model
@@ -145,6 +145,23 @@ def global_std(values: torch.Tensor, context) -> torch.Tensor:
     return (squares / (sums[1] - 1)).sqrt()
 
 
+def reward_sums(rewards: torch.Tensor, per_function: torch.Tensor) -> torch.Tensor:
+    """What rollouts and evaluations average over all ranks: [sum of the scored totals (NaN: nobody scored), their
+    count, each function's sum, each function's count (None: it abstained)]."""
+    scored = ~rewards.isnan()
+    return torch.cat([torch.stack([rewards[scored].sum(), scored.sum().float()]),
+                      torch.nan_to_num(per_function).sum(0), (~per_function.isnan()).sum(0).float()])
+
+
+def reward_means(sums: list[float], names: list[str], prefix: str) -> dict[str, float | None]:
+    """`prefix` (the mean total reward) and `prefix_<function>` from the all-rank `reward_sums`; None for a function
+    that abstained everywhere."""
+    totals, counts = sums[2:2 + len(names)], sums[2 + len(names):]
+    return {prefix: sums[0] / max(sums[1], 1),
+            **{f"{prefix}_{name}": total / count if count else None
+               for name, total, count in zip(names, totals, counts)}}
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 up to and including each row's first end token (all of a row that never ends), 0 after it."""
     is_end = completion_ids == eos_token_id
@@ -181,10 +198,9 @@ class GRPORollout:
         self.weights = section.reward_weights or [1.0] * len(self.functions)
         self.prompts_per_step, self.steps_per_rollout = section.prompts_per_step, section.num_iterations
         self.reference = reference_model(trainer) if section.beta > 0 else None
-        tokenizer = trainer.tokenizer
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.collate = PromptCollator(self.pad_token_id)
+        # The task's prompt collator: validation prompts are padded as the training ones, with its padding token.
+        self.collate = trainer.collate
+        self.eos_token_id, self.pad_token_id = trainer.tokenizer.eos_token_id, trainer.collate.pad_token_id
         # Under FSDP every forward gathers weights from all ranks: all of them decode until the last one ends.
         self.synced = trainer.context.is_distributed and trainer.config.train.strategy == "fsdp"
         self.micro_batches: list[dict] = []
@@ -277,12 +293,17 @@ class GRPORollout:
         batch_std = global_std(rewards, trainer.context) if section.scale_rewards == "batch" else None
         advantages, group_std = group_advantages(rewards, group, section.scale_rewards, batch_std)
 
-        rows, tokens = completion_ids.shape[0], int(mask.sum())
-        totals = all_reduce_sum(torch.tensor([float(rows), float(tokens)], device=mask.device), trainer.context)
+        # Everything the step needs from all ranks in one reduction: its completions and tokens (the loss's
+        # normaliser) and the sums behind the logged means.
+        stds = group_std.nan_to_num()
+        sums = torch.cat([torch.tensor([completion_ids.shape[0], mask.sum(), stds.sum(), (stds < 1e-6).sum(),
+                                        stds.numel()], dtype=torch.float32, device=mask.device),
+                          reward_sums(rewards, per_function)])
+        rows, tokens, std_sum, zero_std, groups, *reward_totals = all_reduce_sum(sums, trainer.context).tolist()
         per_token = section.loss_type in ("bnpo", "dapo")
-        step_targets = totals[1] if per_token else totals[0]
+        metric_scale = (tokens if per_token else rows) / tokens
         micro_batches = []
-        for start in range(0, rows, trainer.config.train.micro_batch_size):
+        for start in range(0, completion_ids.shape[0], trainer.config.train.micro_batch_size):
             part = slice(start, start + trainer.config.train.micro_batch_size)
             attention = torch.cat([prompt_mask[part], mask[part]], dim=1)
             # Only the columns some row of this micro-batch uses: the rest is padding.
@@ -294,23 +315,12 @@ class GRPORollout:
                            "advantages": advantages[part]}
             micro_batch["targets"] = int(micro_batch["completion_mask"].sum()) if per_token else micro_batch[
                 "input_ids"].shape[0]
-            micro_batch["metric_scale"] = float(step_targets / totals[1])
+            micro_batch["metric_scale"] = metric_scale
             micro_batches.append(micro_batch)
         self.add_log_probabilities(micro_batches)
-
-        finite = ~rewards.isnan()
-        function_sums = torch.nan_to_num(per_function).sum(0)
-        function_counts = (~per_function.isnan()).sum(0).float()
-        sums = torch.tensor([rewards[finite].sum(), finite.sum(), group_std.nan_to_num().sum(),
-                             (group_std.nan_to_num() < 1e-6).sum(), group_std.numel(), tokens, rows],
-                            device=mask.device)
-        sums = all_reduce_sum(torch.cat([sums, function_sums, function_counts]), trainer.context).tolist()
-        functions = len(self.functions)
-        self.last_metrics = {"reward": sums[0] / max(sums[1], 1), "reward_std": sums[2] / sums[4],
-                             "frac_reward_zero_std": sums[3] / sums[4], "completion_length": sums[5] / sums[6],
-                             **{f"reward_{name}": (sums[7 + index] / sums[7 + functions + index]
-                                                   if sums[7 + functions + index] else None)
-                                for index, (name, _) in enumerate(self.functions)}}
+        self.last_metrics = {**reward_means(reward_totals, [name for name, _ in self.functions], "reward"),
+                             "reward_std": std_sum / groups, "frac_reward_zero_std": zero_std / groups,
+                             "completion_length": tokens / rows}
         self.last_samples = [{"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
                               "sample": text, "reward": None if math.isnan(reward) else reward}
                              for prompt, text, reward in list(zip(prompts, texts, rewards.tolist()))[:group]]
@@ -352,24 +362,19 @@ class GRPORollout:
         indices = list(range(context.rank, count, context.world_size))
         chunk = self.section.prompts_per_step * self.section.num_generations
         names = [name for name, _ in self.functions]
-        sums = torch.zeros(3 + 2 * len(names), device=context.device)
+        sums = torch.zeros(3 + 2 * len(names), device=context.device)  # exact answers, then reward_sums
         for start in range(0, len(indices), chunk):
-            batch = self.collate([dataset[index] for index in indices[start:start + chunk]])
-            input_ids, attention_mask = batch["input_ids"].to(context.device), batch["attention_mask"].to(context.device)
-            completion_ids, mask = self.generate(input_ids, attention_mask, sample=False)
+            batch = model_inputs(self.collate([dataset[index] for index in indices[start:start + chunk]]),
+                                 context.device)
+            completion_ids, mask = self.generate(batch["input_ids"], batch["attention_mask"], sample=False)
             rewards, per_function, _ = self.score(batch["prompts"], batch["columns"], completion_ids, mask)
-            finite = ~rewards.isnan()
-            accuracy = (per_function[:, names.index("exact_answer")] == 1).float().sum() if "exact_answer" in names \
+            exact = (per_function[:, names.index("exact_answer")] == 1).float().sum() if "exact_answer" in names \
                 else torch.zeros((), device=context.device)
-            sums += torch.cat([torch.stack([rewards[finite].sum(), finite.sum().float(), accuracy]),
-                               torch.nan_to_num(per_function).sum(0), (~per_function.isnan()).sum(0).float()])
-        sums = all_reduce_sum(sums, context).tolist()
-        evaluation = {"val_reward": sums[0] / max(sums[1], 1)}
+            sums += torch.cat([exact.reshape(1), reward_sums(rewards, per_function)])
+        exact, *reward_totals = all_reduce_sum(sums, context).tolist()
+        evaluation = reward_means(reward_totals, names, "val_reward")
         if "exact_answer" in names:
-            evaluation["val_accuracy"] = sums[2] / max(count, 1)
-        for index, name in enumerate(names):
-            total, counted = sums[3 + index], sums[3 + len(names) + index]
-            evaluation[f"val_reward_{name}"] = total / counted if counted else None
+            evaluation["val_accuracy"] = exact / max(count, 1)
         return evaluation
 
     # ------------------------------------------------------------------ checkpoints

@@ -265,7 +265,8 @@ class Trainer:
             row.update(self.rollout.last_metrics, rollout_s=self.window_rollout_s, update_s=self.window_update_s)
         self.metrics.write(row)
         shown = {name: self.step_metrics[name] for name in self.task.progress_metrics}
-        progress.update(self.state.step, loss=loss if loss is not None else float("nan"), lr=row["lr"], tok_s=round(tokens_per_s), **shown)
+        progress.update(self.state.step, loss=loss if loss is not None else float("nan"), lr=row["lr"],
+                        tok_s=round(tokens_per_s), **shown)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         self.window_rollout_s = self.window_update_s = 0.0
 
