@@ -15,10 +15,12 @@ def pretrain_datasets(tokenizer, config: TrainingConfig, log):
     data = config.data
     if data.streaming:
         rank, world_size = rank_and_world_size()
-        train = StreamingPretrainDataset(data.train_files, tokenizer, data.seq_len, rank, world_size, data.strict)
+        train = StreamingPretrainDataset(data.train_files, tokenizer, data.seq_len, rank, world_size, data.strict,
+                                         text_field=data.text_field)
     else:
-        train = PretrainDataset(data.train_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
-    val = (PretrainDataset(data.val_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log)
+        train = PretrainDataset(data.train_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log,
+                                data.text_field)
+    val = (PretrainDataset(data.val_files, tokenizer, data.seq_len, data.cache_dir, data.strict, log, data.text_field)
            if data.val_files else None)
     return train, val
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from utils.config import TrainingConfig
-from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_jsonl
+from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_records
 from utils.files import write_atomically
 from utils.logger import get_logger
 from utils.metrics import generation_metrics
@@ -32,15 +32,14 @@ def sft_datasets(tokenizer, config: TrainingConfig, log):
 def prompts_and_references(files: list[str], limit: int) -> list[tuple[list[dict], str]]:
     """Each usable conversation up to its last assistant turn (the prompt), and that turn (the reference)."""
     pairs = []
-    for path in files:
-        for _, record in read_jsonl(path, DataIssues()):
-            turns, _, _ = conversation_turns(record)
-            if turns is None:
-                continue
-            last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
-            pairs.append((turns[:last], turns[last]["content"]))
-            if len(pairs) == limit:
-                return pairs
+    for _, record in read_records(files, DataIssues()):
+        turns, _, _ = conversation_turns(record)
+        if turns is None:
+            continue
+        last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
+        pairs.append((turns[:last], turns[last]["content"]))
+        if len(pairs) == limit:
+            return pairs
     return pairs
 
 

@@ -20,9 +20,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.cjk import CJK_UNIFIED_IDEOGRAPHS
 from utils.config import parse_config
-from utils.data import ROLES, check_data_file, document_texts, read_jsonl
+from utils.data import ROLES, document_texts, read_records
 from utils.errors import InputError, exit_on_input_error
 from utils.files import publish_folder, write_atomically
+from utils.sources import TextSource, data_sources
 
 # Every turn is `<|role|>{content}{eos}\n`; the generation prompt opens an assistant turn. The content follows the
 # role marker directly: a special token ends a BPE segment, so a reply is tokenized the same way whether or not it
@@ -91,19 +92,17 @@ def special_tokens(config: TokenizerSection) -> list[str]:
 
 
 def read_texts(paths: list[str]) -> list[str]:
-    """All document texts of the given JSONL (`text` or conversations) or plain-text files; an empty file or one
-    without any text is an error."""
-    if not paths:
-        raise InputError("no input files given")
+    """All document texts of the given sources: records' `text` or conversations (JSONL, Parquet, SQLite), or the
+    paragraphs of plain-text files; a source without any text is an error."""
     texts = []
-    for path in paths:
-        if Path(path).suffix == ".jsonl":
-            file_texts = [text for _, record in read_jsonl(path) for text in document_texts(record) if text.strip()]
+    for source in data_sources(paths):
+        if isinstance(source, TextSource):
+            file_texts = [part for part in Path(source.path).read_text(encoding="utf-8").split("\n\n") if part.strip()]
         else:
-            check_data_file(path)
-            file_texts = [part for part in Path(path).read_text(encoding="utf-8").split("\n\n") if part.strip()]
+            file_texts = [text for _, record in read_records([source]) for text in document_texts(record)
+                          if text.strip()]
         if not file_texts:
-            raise InputError(f"{path}: no text found (empty file, or no 'text'/'conversations' fields)")
+            raise InputError(f"{source}: no text found (empty, or no 'text'/'conversations' fields)")
         texts.extend(file_texts)
     return texts
 

@@ -1,27 +1,27 @@
-"""utils/data.py records: read_jsonl, document_texts, and skipped or strict bad records (DataIssues)."""
+"""utils/data.py records: read_records, document_texts, and skipped or strict bad records (DataIssues)."""
 
 import re
 
 import pytest
 
 from helpers import MULTI_TURNS, TWO_TURNS, expected_stream, unpack, write_lines
-from utils.data import DataIssues, PretrainDataset, SFTDataset, document_texts, encode_conversation, read_jsonl
+from utils.data import DataIssues, PretrainDataset, SFTDataset, document_texts, encode_conversation, read_records
 from utils.errors import InputError
 
 
-def test_read_jsonl_skips_blank_lines_and_numbers_lines(tmp_path):
+def test_read_records_skips_blank_lines_and_numbers_lines(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n', encoding="utf-8")
-    assert list(read_jsonl(path)) == [(1, {"text": "a"}), (3, {"text": "b"})]
+    assert list(read_records([path])) == [(f"{path}:1", {"text": "a"}), (f"{path}:3", {"text": "b"})]
 
 
-def test_read_jsonl_names_file_and_line_of_malformed_json(tmp_path):
+def test_read_records_names_file_and_line_of_malformed_json(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(InputError, match=r"data\.jsonl:2: malformed JSON"):
-        list(read_jsonl(path))
+        list(read_records([path]))
     with pytest.raises(InputError, match="data file not found"):
-        list(read_jsonl(tmp_path / "missing.jsonl"))
+        list(read_records([tmp_path / "missing.jsonl"]))
 
 
 def test_document_texts():

@@ -30,7 +30,8 @@ from utils.lora import is_peft_model
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Keys that must match for a checkpoint to continue this run exactly (anything else may change on resume).
-RESUME_KEYS = {"model": None, "lora": None, "data": ("train_files", "seq_len", "tokenizer", "streaming"),
+RESUME_KEYS = {"model": None, "lora": None,
+               "data": ("train_files", "text_field", "seq_len", "tokenizer", "streaming"),
                "train": ("micro_batch_size", "grad_accum_steps", "seed"),
                "rlhf": ("method", "beta", "label_smoothing", "sft_weight", "reference_from", "num_generations",
                         "prompts_per_step", "num_iterations")}

@@ -230,8 +230,10 @@ ModelSection = _model_section()
 
 @dataclass
 class DataSection:
+    # Files, folders, glob patterns (JSONL, Parquet, plain text) and sqlite:///file.db?table=NAME databases
     train_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_val.jsonl"])
+    text_field: str = "text"  # the field (column) that holds a pretraining document's text
     tokenizer: str | None = None  # None: model.init_from's own tokenizer when it has one, else tokenizer/
     seq_len: int = 256
     cache_dir: str = ".cache/data"

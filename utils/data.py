@@ -4,7 +4,6 @@ resumes on exactly the next batch."""
 
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from utils.errors import InputError
 from utils.files import open_atomically, write_atomically
+from utils.sources import Malformed, Source, data_sources
 
 ROLES = ("system", "user", "assistant")
 CACHE_FORMAT = 1  # bump when the token cache layout changes, so old caches are rebuilt
@@ -55,46 +55,29 @@ class DataIssues:
         return f"skipped {self.total} bad records: " + "; ".join(parts)
 
 
-def check_data_file(path: str | Path) -> None:
-    if not Path(path).is_file():
-        raise InputError(f"data file not found: {path}")
-
-
-MALFORMED = object()  # what read_jsonl(..., yield_malformed=True) yields for a line that is not JSON
-
-
-def read_jsonl(path: str | Path, issues: DataIssues | None = None,
-               yield_malformed: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed object) for every non-blank line. A malformed line raises InputError naming the
-    file and line, or, given `issues`, is reported there and skipped (or yielded as MALFORMED, for callers that
-    number records)."""
-    path = Path(path)
-    check_data_file(path)
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as error:
+def read_records(entries: list[str], issues: DataIssues | None = None) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of the sources that `entries` name (see utils/sources.py). A malformed
+    JSONL line raises InputError naming the file and line, or, given `issues`, is reported there and skipped."""
+    for source in data_sources(entries):
+        for _, location, record in source.records():
+            if isinstance(record, Malformed):
                 if issues is None:
-                    raise InputError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
-                issues.report("malformed_json", f"{path}:{line_number}", f"malformed JSON ({error.msg})")
-                if yield_malformed:
-                    yield line_number, MALFORMED
+                    raise InputError(f"{location}: {record.detail}")
+                issues.report("malformed_json", location, record.detail)
+                continue
+            yield location, record
 
 
 def parsed_records(files: list[str], issues: DataIssues,
                    parse: Callable[[Any], tuple[Any, str, str]]) -> Iterator[tuple[str, Any]]:
-    """("file:line", parsed) for every record of `files` that `parse` accepts (it returns (parsed, "", "") or
+    """(location, parsed) for every record of `files` that `parse` accepts (it returns (parsed, "", "") or
     (None, reason, detail)); the others are reported to `issues`."""
-    for path in files:
-        for line_number, record in read_jsonl(path, issues):
-            parsed, reason, detail = parse(record)
-            if parsed is None:
-                issues.report(reason, f"{path}:{line_number}", detail)
-                continue
-            yield f"{path}:{line_number}", parsed
+    for location, record in read_records(files, issues):
+        parsed, reason, detail = parse(record)
+        if parsed is None:
+            issues.report(reason, location, detail)
+            continue
+        yield location, parsed
 
 
 def document_texts(record: Any) -> list[str]:
@@ -109,31 +92,28 @@ def document_texts(record: Any) -> list[str]:
     return []
 
 
-def iter_pretrain_documents(files: list[str], issues: DataIssues) -> Iterator[tuple[int, str]]:
-    """Yield (document index, text) over all files in order. The index counts every record, good or bad, so it
-    names the same document whatever is skipped, which streaming shards and resume positions rely on.
-    JSONL files hold `{"text": ...}` per line; any other file is plain text, one document per line."""
+def iter_pretrain_documents(sources: list[Source], issues: DataIssues, text_field: str = "text",
+                            start: int = 0) -> Iterator[tuple[int, str]]:
+    """Yield (document index, text) over all sources in order, from document `start` on (sources and Parquet row
+    groups before it are skipped unread). The index counts every record, good or bad, so it names the same document
+    whatever is skipped, which streaming shards and resume positions rely on. A record's text is its `text_field`;
+    plain-text files hold one document per line."""
     index = 0
-    for path in files:
-        if Path(path).suffix == ".jsonl":
-            records = read_jsonl(path, issues, yield_malformed=True)
-        else:
-            check_data_file(path)
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                records = [(number, {"text": line.rstrip("\n")}) for number, line in enumerate(handle, 1)
-                           if line.strip()]
-        for line_number, record in records:
-            index += 1
-            if record is MALFORMED:
-                continue
-            if not isinstance(record, dict) or "text" not in record:
-                issues.report("missing_text", f"{path}:{line_number}", "no 'text' field")
-            elif not isinstance(record["text"], str):
-                issues.report("missing_text", f"{path}:{line_number}", "'text' is not a string")
-            elif not record["text"].strip():
-                issues.report("empty_text", f"{path}:{line_number}", "empty text")
+    for source in sources:
+        rows = None
+        for row, location, record in source.records(skip=max(start - index, 0), columns=[text_field]):
+            rows = row + 1
+            if isinstance(record, Malformed):
+                issues.report("malformed_json", location, record.detail)
+            elif not isinstance(record, dict) or text_field not in record:
+                issues.report("missing_text", location, f"no {text_field!r} field")
+            elif not isinstance(record[text_field], str):
+                issues.report("missing_text", location, f"{text_field!r} is not a string")
+            elif not record[text_field].strip():
+                issues.report("empty_text", location, "empty text")
             else:
-                yield index - 1, record["text"]
+                yield index + row, record[text_field]
+        index += rows if rows is not None else source.count()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -151,27 +131,18 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids + [tokenizer.eos_token_id] for ids in encoded]
 
 
-def _file_facts(files: list[str]) -> list[dict]:
-    facts = []
-    for path in files:
-        check_data_file(path)
-        stat = os.stat(path)
-        facts.append({"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return facts
-
-
 def build_token_cache(files: list[str], tokenizer, cache_dir: str | Path, strict: bool = False,
-                      log=None) -> tuple[Path, dict]:
-    """Tokenize `files` once into a flat token file (uint16 when the vocabulary fits, else uint32) plus a metadata
-    JSON; reuse it while the sources (size, mtime) and the tokenizer are unchanged. Returns (token file, metadata).
+                      log=None, text_field: str = "text") -> tuple[Path, dict]:
+    """Tokenize the sources `files` names once into a flat token file (uint16 when the vocabulary fits, else uint32)
+    plus a metadata JSON; reuse it while the sources (each file's size and mtime, a database's table or query), the
+    text field and the tokenizer are unchanged. Returns (token file, metadata).
 
     Written to temporary names and renamed, metadata last: a cache is either complete or absent. In distributed
     runs call it on one rank first, then on the others (which then only read)."""
-    if not files:
-        raise InputError("no data files given")
-    facts = _file_facts(files)
-    key_source = json.dumps({"format": CACHE_FORMAT, "files": facts, "tokenizer": tokenizer_fingerprint(tokenizer)},
-                            sort_keys=True)
+    sources = data_sources(files)
+    facts = [source.identity() for source in sources]
+    key_source = json.dumps({"format": CACHE_FORMAT, "files": facts, "text_field": text_field,
+                             "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     tokens_path, meta_path = cache_dir / f"pretrain-{key}.bin", cache_dir / f"pretrain-{key}.json"
@@ -192,7 +163,7 @@ def build_token_cache(files: list[str], tokenizer, cache_dir: str | Path, strict
     num_tokens = num_documents = 0
     with open_atomically(tokens_path) as handle:
         batch: list[str] = []
-        for _, text in iter_pretrain_documents(files, issues):
+        for _, text in iter_pretrain_documents(sources, issues, text_field):
             batch.append(text)
             if len(batch) == TOKENIZE_BATCH:
                 num_tokens += _write_tokens(handle, encode_documents(tokenizer, batch), dtype)
@@ -203,7 +174,8 @@ def build_token_cache(files: list[str], tokenizer, cache_dir: str | Path, strict
             num_documents += len(batch)
         if num_documents == 0:
             raise InputError(f"no usable documents in {', '.join(files)} ({issues.summary()})")
-    meta = {"format": CACHE_FORMAT, "files": facts, "tokenizer": tokenizer_fingerprint(tokenizer),
+    meta = {"format": CACHE_FORMAT, "files": facts, "text_field": text_field,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "dtype": np.dtype(dtype).name, "num_tokens": num_tokens, "num_documents": num_documents,
             "skipped": dict(issues.counts), "skipped_examples": issues.examples, "first_issue": issues.first}
     write_atomically(meta_path, json.dumps(meta, indent=2))
@@ -223,10 +195,10 @@ class PretrainDataset(Dataset):
     so that every token is a target exactly once and no padding is ever trained on."""
 
     def __init__(self, files: list[str], tokenizer, seq_len: int, cache_dir: str | Path = ".cache/data",
-                 strict: bool = False, log=None):
+                 strict: bool = False, log=None, text_field: str = "text"):
         if seq_len < 1:
             raise InputError(f"data.seq_len must be >= 1, got {seq_len}")
-        tokens_path, self.meta = build_token_cache(files, tokenizer, cache_dir, strict, log)
+        tokens_path, self.meta = build_token_cache(files, tokenizer, cache_dir, strict, log, text_field)
         self.tokens = np.memmap(tokens_path, dtype=self.meta["dtype"], mode="r")
         self.seq_len = seq_len
         self.num_windows = (len(self.tokens) - 1) // seq_len
@@ -299,18 +271,17 @@ class ResumableSampler(Sampler[int]):
 
 
 class StreamingPretrainDataset(IterableDataset):
-    """Packed windows read lazily from files too big to pre-tokenize.
+    """Packed windows read lazily from sources too big to pre-tokenize.
 
     Documents are dealt round-robin to `world_size x num_workers` shards (one per rank and DataLoader worker), so
-    no document is read twice. Every sample carries its shard and the (document, token offset) where the shard's
+    no document is tokenized twice. Every sample carries its shard and the (document, token offset) where the shard's
     next window starts; passing the last of these per shard as `positions` resumes each shard there.
     """
 
     def __init__(self, files: list[str], tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,
-                 strict: bool = False, positions: dict[int, tuple[int, int]] | None = None):
-        for path in files:
-            check_data_file(path)
-        self.files, self.tokenizer, self.seq_len = list(files), tokenizer, seq_len
+                 strict: bool = False, positions: dict[int, tuple[int, int]] | None = None, text_field: str = "text"):
+        self.sources, self.text_field = data_sources(files), text_field
+        self.tokenizer, self.seq_len = tokenizer, seq_len
         self.rank, self.world_size, self.strict = rank, world_size, strict
         self.positions = dict(positions or {})
 
@@ -324,8 +295,8 @@ class StreamingPretrainDataset(IterableDataset):
         tokens: list[int] = []
         # (document index, offset of the segment's first token in that document, segment length) per buffered part
         segments: list[list[int]] = []
-        documents = ((index, text) for index, text in iter_pretrain_documents(self.files, DataIssues(self.strict))
-                     if index % num_shards == shard and index >= start_document)
+        documents = ((index, text) for index, text in iter_pretrain_documents(
+            self.sources, DataIssues(self.strict), self.text_field, start_document) if index % num_shards == shard)
         for batch in _batched(documents, TOKENIZE_BATCH // num_shards or 1):
             for (index, _), ids in zip(batch, encode_documents(self.tokenizer, [text for _, text in batch])):
                 offset = start_offset if index == start_document else 0

@@ -24,7 +24,7 @@ from model import ByteModel, ByteModelConfig, moe_layers  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
 from utils.counting import flops_per_token, parameter_counts  # noqa: E402
 from utils.config import ModelSection, build_config, model_config_from, read_yaml  # noqa: E402
-from utils.data import document_texts, read_jsonl  # noqa: E402
+from utils.data import document_texts, read_records  # noqa: E402
 from utils.errors import InputError, exit_on_input_error  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.router_monitor import load_statistics  # noqa: E402
@@ -139,7 +139,7 @@ def routing_input(args: argparse.Namespace, model_folder: Path, seq_len: int,
 def routing_sequences(data: Path, tokenizer, seq_len: int, max_tokens: int) -> list[list[int]]:
     """Up to `max_tokens` tokens of a JSONL text file, in windows of at most seq_len."""
     ids: list[int] = []
-    for _, record in read_jsonl(data):
+    for _, record in read_records([data]):
         for text in document_texts(record):
             ids += tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) >= max_tokens:
