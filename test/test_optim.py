@@ -1,9 +1,11 @@
 """utils/optim.py: AdamW parameter groups and the warm-up + cosine schedule."""
 
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
 from helpers import tiny_config
@@ -39,6 +41,30 @@ def test_parameter_groups_decay_matrices_only(tied):
         assert id(network.lm_head.weight) in decay
     # Nothing one-dimensional is decayed.
     assert all(parameter.ndim >= 2 for parameter in groups[0]["params"])
+
+
+def test_adamw_steps_equal_torchs_with_the_configured_decay_and_betas():
+    """Two steps of the built optimizer equal torch's AdamW given the groups by hand: `optim.weight_decay` on every
+    matrix but the embedding, none elsewhere, and the configured lr and betas (none of them at their defaults)."""
+    optim = SimpleNamespace(lr=0.05, weight_decay=0.3, beta1=0.8, beta2=0.9)
+    torch.manual_seed(0)
+    network = ByteModel(tiny_config(attention_bias=True))
+    reference = copy.deepcopy(network)
+    embedding = reference.model.embed_tokens.weight
+    matrices = [module.weight for module in reference.modules()
+                if isinstance(module, nn.Linear) and module.weight is not embedding]
+    others = [parameter for parameter in reference.parameters() if all(parameter is not m for m in matrices)]
+    expected = torch.optim.AdamW([{"params": matrices, "weight_decay": optim.weight_decay},
+                                  {"params": others, "weight_decay": 0.0}], lr=optim.lr, betas=(optim.beta1, optim.beta2))
+    optimizer = build_optimizer(network, optim)
+    for _ in range(2):
+        for parameter, twin in zip(network.parameters(), reference.parameters()):
+            parameter.grad = torch.randn_like(parameter)
+            twin.grad = parameter.grad.clone()
+        optimizer.step()
+        expected.step()
+    for (name, parameter), twin in zip(network.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(parameter, twin, msg=name)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
