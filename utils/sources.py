@@ -171,8 +171,8 @@ class SQLiteSource(Source):
             raise InputError(f"{spec}: give exactly one of ?table=NAME or ?query=SELECT..."
                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         self.table, self.query = options.get("table"), options.get("query")
-        if self.table is not None and not self.table:
-            raise InputError(f"{spec}: empty table name")
+        if not (self.table or self.query or "").strip():
+            raise InputError(f"{spec}: empty {'table name' if self.table is not None else 'query'}")
 
     def __str__(self) -> str:
         return self.spec
@@ -186,6 +186,9 @@ class SQLiteSource(Source):
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(f"file:{quote(str(Path(self.database).resolve()))}?mode=ro", uri=True)
         connection.execute("PRAGMA query_only = ON")
+        # Read-only still lets ATTACH and VACUUM INTO create files; both ask the authorizer as an attach.
+        connection.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_ATTACH
+                                  else sqlite3.SQLITE_OK)
         return connection
 
     def _execute(self, connection: sqlite3.Connection, sql: str, parameters=()) -> sqlite3.Cursor:
@@ -193,7 +196,8 @@ class SQLiteSource(Source):
             return connection.execute(sql, parameters)
         except (sqlite3.Error, sqlite3.Warning) as error:
             what = f"cannot read table {self.table!r}" if self.table is not None else "the query failed"
-            hint = " (the database is opened read-only: a query may only read)" if "readonly" in str(error) else ""
+            read_only = any(word in str(error) for word in ("readonly", "authoriz"))
+            hint = " (the database is opened read-only: a query may only read)" if read_only else ""
             raise InputError(f"{self}: {what}: {error}{hint}") from None
 
     def _select(self) -> str:
@@ -208,6 +212,8 @@ class SQLiteSource(Source):
             if self.table is not None and skip:
                 sql, parameters = sql + " LIMIT -1 OFFSET ?", (skip,)
             cursor = self._execute(connection, sql, parameters)
+            if cursor.description is None:
+                raise InputError(f"{self}: the statement returns no columns (a query must be a SELECT)")
             names = [description[0] for description in cursor.description]
             if self.table is not None:
                 names = names[1:]
@@ -234,8 +240,9 @@ class SQLiteSource(Source):
     def count(self) -> int:
         connection = self._connect()
         try:
-            source = f"({self._select()})"
-            return self._execute(connection, f"SELECT COUNT(*) FROM {source}").fetchone()[0]
+            if self.table is None:  # a query's own text may end in ";" or a comment: it cannot be nested
+                return sum(1 for _ in self._execute(connection, self.query))
+            return self._execute(connection, f"SELECT COUNT(*) FROM ({self._select()})").fetchone()[0]
         finally:
             connection.close()
 
