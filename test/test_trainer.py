@@ -5,6 +5,8 @@ accumulation, checkpointing, bf16, starting from a saved model, non-finite steps
 import functools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_pretrain
 import utils.trainer
+from helpers import script_environment
 from model import ByteModel
-from training import DATA, RecordingTrainer, fit, make_config, read_metrics, step_folders, stop_before_call
+from training import (DATA, RecordingTrainer, clipped_step, fit, make_config, read_metrics, step_folders,
+                      stop_before_call)
 from utils.errors import InputError
 from utils.trainer import Trainer
 
@@ -319,6 +323,23 @@ def test_init_from_a_saved_model(tmp_path, cache_dir, short_run):
     missing = make_config(tmp_path / "missing", cache_dir, model={"init_from": str(tmp_path / "nowhere")})
     with pytest.raises(InputError, match="init_from"):
         fit(missing)
+
+
+def test_ddp_and_fsdp_clip_the_global_gradient_to_exactly_grad_clip(tmp_path, cache_dir):
+    """Two processes of a micro-batch each, against one process accumulating two: every rank logs the global norm
+    before clipping (the one process's), and steps with the global gradient scaled to exactly optim.grad_clip."""
+    clip = 0.01
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "test" / "training.py"), str(tmp_path), str(clip)], cwd=ROOT,
+                   env=script_environment(ROOT / "test"), check=True, timeout=300, capture_output=True)
+    single = clipped_step(tmp_path / "single", cache_dir, clip, grad_accum_steps=2)
+    # torch sums the squares in fp32: the norms agree with ours (in fp64) to about 3e-5.
+    assert single["grad_norm"] > 10 * clip and single["stepped"] == pytest.approx(clip, rel=1e-4)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank_{rank}.json").read_text())
+        for strategy in ("ddp", "fsdp"):
+            assert seen[strategy]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), (rank, strategy)
+            assert seen[strategy]["stepped"] == pytest.approx(clip, rel=1e-4), (rank, strategy)
 
 
 # ------------------------------------------------------------------------------------------------------ 5. NaN steps

@@ -76,3 +76,45 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def step_folders(out_dir: Path) -> list[str]:
     return sorted((path.name for path in (out_dir / "checkpoints").glob("step_*")), key=lambda n: int(n[5:]))
+
+
+def global_gradient_norm(model) -> float:
+    """The norm of the whole gradient across ranks, from each rank's own part: its shards under FSDP2, where every
+    rank holds a slice of each gradient; under DDP each rank holds all of it, so that is counted once."""
+    import torch
+    import torch.distributed as dist
+
+    local = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    sharded = any(hasattr(grad, "to_local") for grad in local)
+    squares = sum((grad.to_local() if hasattr(grad, "to_local") else grad).double().pow(2).sum() for grad in local)
+    if sharded and dist.is_initialized():
+        dist.all_reduce(squares)
+    return squares.sqrt().item()
+
+
+def clipped_step(out_dir: Path, cache_dir: Path, grad_clip: float, **train) -> dict:
+    """The first step of a tiny pretraining run (`train` overrides its train section): the gradient norm it logs and
+    the global norm of the gradient the optimizer stepped with."""
+    config = make_config(out_dir, cache_dir, train={"max_steps": 2, **train}, optim={"grad_clip": grad_clip})
+    trainer = Trainer(config, model_pretrain.PRETRAINING)
+    stepped = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: stepped.append(global_gradient_norm(trainer.wrapped)))
+    batches = iter(trainer.batches)
+    _, grad_norm, _ = trainer.train_step([next(batches) for _ in range(config.train.grad_accum_steps)])
+    trainer.metrics.close()
+    return {"grad_norm": grad_norm, "stepped": stepped[0]}
+
+
+if __name__ == "__main__":
+    # torchrun --nproc_per_node=2 test/training.py FOLDER GRAD_CLIP: the first step under DDP, then under FSDP2;
+    # each rank writes what it saw to FOLDER/rank_<rank>.json.
+    import os
+    import sys
+
+    from utils.distributed import init_distributed, teardown
+
+    folder, grad_clip = Path(sys.argv[1]), float(sys.argv[2])
+    seen = {strategy: clipped_step(folder / strategy, folder / "cache", grad_clip, strategy=strategy)
+            for strategy in ("ddp", "fsdp")}
+    (folder / f"rank_{os.environ['RANK']}.json").write_text(json.dumps(seen))
+    teardown(init_distributed("cpu"))
