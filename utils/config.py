@@ -254,7 +254,7 @@ class TrainSection:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     compile: bool | Literal["auto"] = "auto"  # auto: on where it measured faster (bf16 autocast or CUDA, no MoE)
     gradient_checkpointing: bool = False
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: each process takes the GPU of its local rank
     max_bad_steps: int = 5
 
 

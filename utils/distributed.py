@@ -11,6 +11,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.errors import InputError
+
 
 @dataclass
 class DistributedContext:
@@ -35,10 +37,13 @@ def rank_and_world_size() -> tuple[int, int]:
 
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*),
-    or run as a single process when there is none. nccl on CUDA, gloo on CPU."""
+    or run as a single process when there is none. nccl on CUDA, gloo on CPU. `device` is auto, cpu or cuda (each
+    process takes the GPU of its local rank)."""
     rank, world_size = rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("train.device is cuda, but this machine has no CUDA device: use auto or cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
