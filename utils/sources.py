@@ -153,8 +153,8 @@ class ParquetSource(Source):
 class SQLiteSource(Source):
     """`sqlite:///path.db?table=NAME` (rows in rowid order; locations name the rowid) or `sqlite:///path.db?query=SQL`
     (URL-encoded; the query's ORDER BY is the order). Opened read-only: a query that would write fails. SQLite has no
-    list type: a text value holding a JSON array or object is read as that value, as in a JSONL record (except the
-    column asked for as text)."""
+    list type: a text value holding a JSON array or object is read as that value, as in a JSONL record, except in
+    `text` and the columns asked for, which hold documents."""
 
     kind = "sqlite"
 
@@ -220,7 +220,7 @@ class SQLiteSource(Source):
             selected = names if columns is None else _require(self, names, columns)
             positions = [names.index(name) + (self.table is not None) for name in selected]
             row = skip if self.table is not None else 0
-            as_text = set(columns or ())
+            as_text = {"text", *(columns or ())}
             while True:
                 try:
                     rows = cursor.fetchmany(READ_BATCH)
