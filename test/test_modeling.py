@@ -60,9 +60,11 @@ def test_sdpa_is_the_attention_implementation(pair):
 
 
 # -------------------------------------------------------------------------------------------- logits and loss
+# Besides the defaults, a norm epsilon and an MLP width of their own (they reach Llama through llama_config_from).
+@pytest.mark.parametrize("overrides", [{}, {"rms_norm_eps": 0.1, "intermediate_size": 96}], ids=["defaults", "eps-width"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_logits_and_loss_match_llama(impl):
-    byte, llama = make_pair(impl)
+def test_logits_and_loss_match_llama(impl, overrides):
+    byte, llama = make_pair(impl, **overrides)
     ids = random_ids(2, 16)
     labels = ids.clone()
     labels[0, :4] = -100
@@ -73,6 +75,17 @@ def test_logits_and_loss_match_llama(impl):
     torch.testing.assert_close(out_byte.logits, out_llama.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(out_byte.loss, out_llama.loss, atol=ATOL, rtol=0)
     assert out_byte.loss.item() > 1.0  # random weights: a loss near log(128), not trivially 0
+
+
+def test_initial_weights_follow_initializer_range():
+    """Embeddings and linear weights are drawn with std initializer_range (test_moe checks the experts and the
+    router)."""
+    torch.manual_seed(0)
+    byte = ByteModel(tiny_config(hidden_size=128, initializer_range=0.05))
+    layer = byte.model.layers[1]
+    for weight in (byte.model.embed_tokens.weight, layer.self_attn.q_proj.weight, layer.mlp.up_proj.weight,
+                   byte.lm_head.weight):
+        assert weight.std().item() == pytest.approx(0.05, rel=0.05)
 
 
 def test_loss_is_hand_computed_shifted_cross_entropy(pair):

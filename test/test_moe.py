@@ -540,8 +540,8 @@ def test_num_items_in_batch_weights_the_balancing_terms(use_shift_labels):
 
 def test_init_zero_bias_and_depth_scaled_down_proj():
     torch.manual_seed(0)
-    byte = ByteModel(tiny_config(num_hidden_layers=4, num_experts=8, moe_intermediate_size=64))
-    std = byte.config.initializer_range
+    std = 0.05
+    byte = ByteModel(tiny_config(num_hidden_layers=4, num_experts=8, moe_intermediate_size=64, initializer_range=std))
     for layer in moe_layers(byte):
         assert torch.equal(layer.gate.expert_bias, torch.zeros(8))
         gate_up, down = layer.experts.gate_up_proj.std().item(), layer.experts.down_proj.std().item()
