@@ -20,6 +20,7 @@ from utils.grpo import GRPOLoss, completion_mask, group_advantages, token_logps
 ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 0.7
 COMPLETION = 6
+EPSILON, EPSILON_HIGH = 0.15, 0.28  # neither at its default, so that both must reach the loss
 
 
 def constant_reward(completions, **kwargs):
@@ -59,8 +60,8 @@ def rollout_batch() -> dict:
 def trl_trainer(rollout_batch, tmp_path_factory) -> GRPOTrainer:
     model = copy.deepcopy(rollout_batch["model"])
     args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=6, num_generations=2,
-                      max_completion_length=COMPLETION, temperature=TEMPERATURE, epsilon=0.2, epsilon_high=0.28,
-                      beta=0.0, report_to="none", use_cpu=True, bf16=False, logging_steps=1)
+                      max_completion_length=COMPLETION, temperature=TEMPERATURE, epsilon=EPSILON,
+                      epsilon_high=EPSILON_HIGH, beta=0.0, report_to="none", use_cpu=True, bf16=False, logging_steps=1)
     dataset = Dataset.from_dict({"prompt": ["a", "b", "c"]})
     trainer = GRPOTrainer(model=model, reward_funcs=constant_reward, args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(ROOT / "tokenizer"))
@@ -69,8 +70,8 @@ def trl_trainer(rollout_batch, tmp_path_factory) -> GRPOTrainer:
 
 
 def ours(rollout_batch, loss_type: str, beta: float, rows: slice = slice(None), num_items: float | None = None):
-    section = RlhfSection(method="grpo", beta=beta, loss_type=loss_type, temperature=TEMPERATURE, epsilon=0.2,
-                          epsilon_high=0.28, max_completion_tokens=COMPLETION)
+    section = RlhfSection(method="grpo", beta=beta, loss_type=loss_type, temperature=TEMPERATURE, epsilon=EPSILON,
+                          epsilon_high=EPSILON_HIGH, max_completion_tokens=COMPLETION)
     batch = {key: value[rows] for key, value in rollout_batch["batch"].items()}
     batch["targets"] = int(batch["completion_mask"].sum()) if loss_type in ("bnpo", "dapo") else len(
         batch["input_ids"])

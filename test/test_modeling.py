@@ -61,7 +61,8 @@ def test_sdpa_is_the_attention_implementation(pair):
 
 # -------------------------------------------------------------------------------------------- logits and loss
 # Besides the defaults, a norm epsilon and an MLP width of their own (they reach Llama through llama_config_from).
-@pytest.mark.parametrize("overrides", [{}, {"rms_norm_eps": 0.1, "intermediate_size": 96}], ids=["defaults", "eps-width"])
+@pytest.mark.parametrize("overrides", [{}, {"rms_norm_eps": 0.1, "intermediate_size": 96}],
+                         ids=["defaults", "eps-width"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_logits_and_loss_match_llama(impl, overrides):
     byte, llama = make_pair(impl, **overrides)
