@@ -87,6 +87,26 @@ def test_first_step_is_ln_2_and_the_rows_carry_the_preference_metrics(start, tmp
     assert (out_dir / "final" / "model.safetensors").is_file()
 
 
+def test_reference_from_is_the_model_the_policy_is_measured_against(start, tmp_path):
+    """With rlhf.reference_from a model other than the starting one, that model is the frozen reference: the first
+    step's rewards, zero against the starting model itself, measure the policy against it."""
+    other = tmp_path / "other"
+    reference = AutoModelForCausalLM.from_pretrained(start["model"])
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(3.0)
+    reference.save_pretrained(other)
+    margins = {}
+    for name, rlhf in (("start", {}), ("other", {"reference_from": str(other)})):
+        trainer = Trainer(build_config(PreferenceConfig, values(start, tmp_path / name, rlhf=rlhf)),
+                          model_rlhf_train.PREFERENCE)
+        trainer.train_step([next(iter(trainer.batches))])
+        margins[name] = trainer.step_metrics["reward_margin"]
+        trainer.metrics.close()
+    used = trainer.loss.reference.model.state_dict()
+    assert all(torch.equal(value, used[name]) for name, value in reference.state_dict().items())
+    assert margins["start"] == 0 and margins["other"] != 0
+
+
 @pytest.fixture(scope="module")
 def straight_run(start, tmp_path_factory) -> tuple[dict, Path]:
     out_dir = tmp_path_factory.mktemp("straight")
