@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.config import TrainingConfig
+from utils.config import SFTConfig
 from utils.data import DataIssues, PadCollator, SFTDataset, conversation_turns, read_records
 from utils.files import write_atomically
 from utils.logger import get_logger
@@ -22,7 +22,7 @@ from utils.task import Task
 from utils.trainer import run_training
 
 
-def sft_datasets(tokenizer, config: TrainingConfig, log):
+def sft_datasets(tokenizer, config: SFTConfig, log):
     data = config.data
     train = SFTDataset(data.train_files, tokenizer, data.seq_len, data.strict, log)
     val = SFTDataset(data.val_files, tokenizer, data.seq_len, data.strict, log) if data.val_files else None
@@ -61,7 +61,7 @@ def evaluate_generation(folder: Path, files: list[str], samples: int, max_new_to
     return report
 
 
-def generation_row(final: Path, config: TrainingConfig) -> dict:
+def generation_row(final: Path, config: SFTConfig) -> dict:
     """The final model's replies to validation conversations: generation_eval.json, and the scores for metrics."""
     samples = config.eval.generation_samples
     if samples <= 0 or not config.data.val_files:
@@ -76,7 +76,7 @@ def generation_row(final: Path, config: TrainingConfig) -> dict:
 
 
 SFT = Task(datasets=sft_datasets, collator=lambda tokenizer: PadCollator(tokenizer.pad_token_id), chat_sample=True,
-           evaluate_final=generation_row)
+           evaluate_final=generation_row, config_type=SFTConfig)
 
 if __name__ == "__main__":
     run_training(SFT, "configs/model_sft.yaml", __doc__.splitlines()[0])

@@ -82,9 +82,9 @@ def test_fine_tunes_from_a_saved_model(tmp_path):
 
 
 def lora_config(source: Path, out_dir: Path, **train):
-    from utils.config import TrainingConfig, build_config
+    from utils.config import SFTConfig, build_config
 
-    return build_config(TrainingConfig, {
+    return build_config(SFTConfig, {
         "model": {"init_from": str(source)},
         "data": {"train_files": [str(SFT_VAL)], "val_files": [str(SFT_VAL)], "tokenizer": str(source),
                  "seq_len": 128},
@@ -168,12 +168,12 @@ def transformers_folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def plain_config(source: Path, out_dir: Path, stage: str):
-    from utils.config import TrainingConfig, build_config
+    from utils.config import SFTConfig, TrainingConfig, build_config
 
     data = ({"train_files": [str(SFT_VAL)], "val_files": [str(SFT_VAL)], "seq_len": 128} if stage != "pretrain" else
             {"train_files": [str(PRETRAIN_VAL)], "val_files": [str(PRETRAIN_VAL)], "seq_len": 32,
              "cache_dir": str(out_dir / "cache")})
-    return build_config(TrainingConfig, {
+    return build_config(TrainingConfig if stage == "pretrain" else SFTConfig, {
         "model": {"init_from": str(source)}, "data": data,
         "train": {"out_dir": str(out_dir), "max_steps": 4, "micro_batch_size": 2, "precision": "fp32"},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},

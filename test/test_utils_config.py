@@ -1,5 +1,6 @@
 """utils/config.py: YAML + --section.key overrides into typed dataclasses, with one-line errors."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -150,3 +151,62 @@ def test_moe_enabled_false_switches_the_experts_off():
     assert config.model.num_experts == 0
     config, _ = parse_config(TrainingConfig, None, "test", ["--train.compile", "auto", "--train.precision", "bf16"])
     assert (config.train.compile, config.train.precision) == ("auto", "bf16")
+
+
+@pytest.mark.parametrize("schema, argv, message", [
+    ("TrainingConfig", ["--eval.generation_samples", "8"], "unknown key 'eval.generation_samples'"),
+    ("PreferenceConfig", ["--eval.generation_tokens", "8"], "unknown key 'eval.generation_tokens'"),
+    ("SFTConfig", ["--data.cache_dir", "elsewhere"], "unknown key 'data.cache_dir'"),
+    ("SFTConfig", ["--data.streaming", "true"], "unknown key 'data.streaming'"),
+    ("PreferenceConfig", ["--data.streaming", "true"], "unknown key 'data.streaming'"),
+    ("PreferenceConfig", ["--data.text_field", "body"], "unknown key 'data.text_field'"),
+])
+def test_a_stage_refuses_the_keys_only_another_stage_reads(schema, argv, message):
+    """Pretraining alone reads documents through a cache or a stream; SFT alone answers validation conversations
+    at the end. An old config naming such a key elsewhere gets one line instead of a key that does nothing."""
+    import utils.config
+
+    with pytest.raises(InputError, match=message):
+        parse_config(getattr(utils.config, schema), None, "test", argv)
+
+
+@pytest.mark.parametrize("method, key, value", [
+    *(("dpo", key, value) for key, value in (("reward_functions", ["utils.rewards:format_reward"]),
+                                             ("reward_weights", [2.0]), ("num_generations", 4),
+                                             ("prompts_per_step", 2), ("max_completion_tokens", 8),
+                                             ("temperature", 0.5), ("top_p", 0.9), ("top_k", 5),
+                                             ("scale_rewards", "none"), ("loss_type", "grpo"), ("epsilon", 0.1),
+                                             ("epsilon_high", 0.3), ("num_iterations", 2))),
+    ("ipo", "num_generations", 4),
+    *(("grpo", key, value) for key, value in (("label_smoothing", 0.1), ("sft_weight", 0.5),
+                                              ("precompute_reference", True))),
+])
+def test_rlhf_keys_of_the_other_kind_of_method_are_refused(tmp_path, method, key, value):
+    from utils.config import GRPO_KEYS, OFFLINE_KEYS, PreferenceConfig, build_config, check_training_config
+
+    assert key in (GRPO_KEYS if method != "grpo" else OFFLINE_KEYS)
+    rlhf = {"method": method, key: value}
+    if method == "grpo":
+        rlhf["reward_functions"] = ["utils.rewards:format_reward"]
+    config = build_config(PreferenceConfig, {"model": {"init_from": str(tmp_path)}, "rlhf": rlhf})
+    with pytest.raises(InputError, match=f"rlhf.{key} applies to {'dpo/ipo' if method == 'grpo' else 'grpo'}, "
+                                         f"not {method}"):
+        check_training_config(config)
+
+
+def test_every_grpo_key_and_every_offline_key_is_named():
+    """The two lists split the rlhf keys after `method`, `beta` and `reference_from`, which all methods read."""
+    from utils.config import GRPO_KEYS, OFFLINE_KEYS, RlhfSection
+
+    names = [entry.name for entry in dataclasses.fields(RlhfSection)]
+    assert sorted(names) == sorted(["method", "beta", "reference_from", *OFFLINE_KEYS, *GRPO_KEYS])
+
+
+def test_a_grpo_reference_without_the_kl_term_is_refused(tmp_path):
+    from utils.config import PreferenceConfig, build_config, check_training_config
+
+    config = build_config(PreferenceConfig, {"model": {"init_from": str(tmp_path)}, "rlhf": {
+        "method": "grpo", "beta": 0.0, "reward_functions": ["utils.rewards:format_reward"],
+        "reference_from": str(tmp_path)}})
+    with pytest.raises(InputError, match="rlhf.reference_from needs rlhf.beta > 0"):
+        check_training_config(config)

@@ -107,7 +107,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def resume_mismatch(saved: dict, current: dict, defaults: dict) -> str | None:
     """Why a checkpoint saved with config `saved` cannot continue a run with config `current` exactly, or None.
     A key the saved config lacks (written before the key existed) had its default (`defaults`, same layout)."""
-    if current["data"]["streaming"] and saved["data"].get("num_workers") != current["data"]["num_workers"]:
+    if current["data"].get("streaming") and saved["data"].get("num_workers") != current["data"]["num_workers"]:
         # The stream is dealt to one shard per process and worker; the saved positions are per shard.
         return (f"data.num_workers was {saved['data'].get('num_workers')!r}, this run has "
                 f"{current['data']['num_workers']!r} (a stream resumes only with the same shards)")
@@ -115,6 +115,8 @@ def resume_mismatch(saved: dict, current: dict, defaults: dict) -> str | None:
         if section not in current:  # a section only some stages have
             continue
         for key in keys or current[section]:
+            if key not in current[section]:  # a key only some stages have
+                continue
             before = saved.get(section, {}).get(key, defaults[section][key])
             if before != current[section][key]:
                 return f"{section}.{key} was {before!r}, this run has {current[section][key]!r}"

@@ -230,16 +230,23 @@ ModelSection = _model_section()
 
 @dataclass
 class DataSection:
+    """What every stage reads its data with."""
     # Files, folders, glob patterns (JSONL, Parquet, plain text) and sqlite:///file.db?table=NAME databases
     train_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["datasets/demo/pretrain_val.jsonl"])
-    text_field: str = "text"  # the field (column) that holds a pretraining document's text
     tokenizer: str | None = None  # None: model.init_from's own tokenizer when it has one, else tokenizer/
     seq_len: int = 256
-    cache_dir: str = ".cache/data"
     strict: bool = False
-    streaming: bool = False  # read and tokenize train_files lazily (corpora too big to cache); needs max_steps
     num_workers: int = 0
+
+
+@dataclass
+class PretrainDataSection(DataSection):
+    """Pretraining reads documents from one field, through a token cache or streamed (the other stages read
+    conversations, pairs or prompts, which they tokenize in memory)."""
+    text_field: str = "text"  # the field (column) that holds a pretraining document's text
+    cache_dir: str = ".cache/data"
+    streaming: bool = False  # read and tokenize train_files lazily (corpora too big to cache); needs max_steps
 
 
 @dataclass
@@ -284,7 +291,11 @@ class EvalSection:
     at_start: bool = False  # also evaluate the starting model, before the first step (not counted as a best)
     # Continued greedily at every evaluation and by final/ (chat stages: as user turns), into samples.jsonl.
     sample_prompts: list[str] = field(default_factory=lambda: ["The", "我们"])
-    generation_samples: int = 0  # SFT: validation conversations answered by the final model for BLEU/ROUGE/METEOR
+
+
+@dataclass
+class SFTEvalSection(EvalSection):
+    generation_samples: int = 0  # validation conversations answered by the final model for BLEU/ROUGE/METEOR
     generation_tokens: int = 64
 
 
@@ -311,8 +322,10 @@ class LoraSection:
 
 @dataclass
 class TrainingConfig:
+    """A training run's configuration: pretraining's, whose sections the other stages share except where a
+    subclass gives its own (each stage lists only the keys it reads)."""
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: PretrainDataSection = field(default_factory=PretrainDataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -347,7 +360,14 @@ class RlhfSection:
 
 
 @dataclass
+class SFTConfig(TrainingConfig):
+    data: DataSection = field(default_factory=DataSection)
+    eval: SFTEvalSection = field(default_factory=SFTEvalSection)
+
+
+@dataclass
 class PreferenceConfig(TrainingConfig):
+    data: DataSection = field(default_factory=DataSection)
     rlhf: RlhfSection = field(default_factory=RlhfSection)
 
 
@@ -380,8 +400,10 @@ def check_training_config(config: TrainingConfig) -> None:
                              "(e.g. out/sft/final)")
         if rlhf.method == "grpo":
             check_grpo_section(config)
-        elif rlhf.beta <= 0:
-            raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")
+        else:
+            if rlhf.beta <= 0:
+                raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")
+            refuse_keys_of_another_method(rlhf, GRPO_KEYS, "grpo")
         if not 0 <= rlhf.label_smoothing < 0.5:
             raise InputError(f"rlhf.label_smoothing must be in [0, 0.5), got {rlhf.label_smoothing}")
         if rlhf.label_smoothing and rlhf.method != "dpo":
@@ -412,15 +434,28 @@ def check_grpo_section(config: PreferenceConfig) -> None:
     if rlhf.reward_weights is not None and len(rlhf.reward_weights) != len(rlhf.reward_functions):
         raise InputError(f"rlhf.reward_weights has {len(rlhf.reward_weights)} values for "
                          f"{len(rlhf.reward_functions)} reward functions")
-    for key, default in (("label_smoothing", 0.0), ("sft_weight", 0.0), ("precompute_reference", False)):
-        if getattr(rlhf, key) != default:
-            raise InputError(f"rlhf.{key} applies to dpo/ipo, not grpo (its completions are sampled online)")
+    refuse_keys_of_another_method(rlhf, OFFLINE_KEYS, "dpo/ipo")
+    if rlhf.beta == 0 and rlhf.reference_from is not None:
+        raise InputError("rlhf.reference_from needs rlhf.beta > 0 with grpo (without the KL term there is no reference "
+                         "model)")
     if config.train.grad_accum_steps != 1:
         raise InputError("grpo takes a step's micro-batches from its rollout (rlhf.prompts_per_step x "
                          "rlhf.num_generations completions in micro-batches of train.micro_batch_size): leave "
                          "train.grad_accum_steps at 1")
-    if config.data.streaming:
-        raise InputError("grpo reads its prompts into memory: data.streaming is not supported")
+
+
+# The rlhf keys that only the offline methods (dpo, ipo) or only grpo read.
+OFFLINE_KEYS = ("label_smoothing", "sft_weight", "precompute_reference")
+GRPO_KEYS = ("reward_functions", "reward_weights", "num_generations", "prompts_per_step", "max_completion_tokens",
+             "temperature", "top_p", "top_k", "scale_rewards", "loss_type", "epsilon", "epsilon_high", "num_iterations")
+
+
+def refuse_keys_of_another_method(rlhf: RlhfSection, keys: tuple[str, ...], methods: str) -> None:
+    """A key the method in use does not read, set away from its default, is an input error rather than ignored."""
+    defaults = RlhfSection()
+    for key in keys:
+        if getattr(rlhf, key) != getattr(defaults, key):
+            raise InputError(f"rlhf.{key} applies to {methods}, not {rlhf.method}")
 
 
 def resolve_tokenizer(config: TrainingConfig) -> str:
