@@ -91,6 +91,34 @@ def test_chat_template_rejects_unknown_role(trained):
         tokenizer.apply_chat_template([{"role": "robot", "content": "beep"}], tokenize=False)
 
 
+def one_special_token(token: str, token_id: int):
+    return lambda tokenizer: (tokenizer.convert_ids_to_tokens(token_id) == token
+                              and tokenizer.encode(token, add_special_tokens=False) == [token_id])
+
+
+# A tokenizer setting -> a value other than its default, and what is true of a tokenizer trained with it (and false
+# of one trained with the default).
+SETTINGS = {
+    "vocab_size": (350, lambda tokenizer: len(tokenizer) == 350),
+    # A merge must be seen more often than the corpus's 50 copies of each word: few are, the vocabulary stays short.
+    "min_frequency": (51, lambda tokenizer: len(tokenizer) < 300),
+    "bos_token": ("<s>", lambda tokenizer: tokenizer.bos_token == "<s>" and tokenizer.bos_token_id == 1
+                  and tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)[:3] == "<s>"),
+    "eos_token": ("</s>", lambda tokenizer: tokenizer.eos_token == "</s>" and tokenizer.eos_token_id == 2),
+    "pad_token": ("<pad>", lambda tokenizer: tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == 0),
+    "additional_special_tokens": (["<|tool|>"], one_special_token("<|tool|>", 3 + len(tokenizer_pretrain.ROLES))),
+    "model_max_length": (77, lambda tokenizer: tokenizer.model_max_length == 77),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_each_setting_reaches_the_trained_tokenizer(key):
+    value, holds = SETTINGS[key]
+    default = train_tokenizer(CORPUS, TokenizerSection(vocab_size=400))
+    changed = train_tokenizer(CORPUS, TokenizerSection(**{"vocab_size": 400, key: value}))
+    assert holds(changed) and not holds(default)
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     out_dir = tmp_path / "tokenizer"
     tokenizer = train_tokenizer(CORPUS, TokenizerSection(vocab_size=300))
