@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import tiny_config
+from helpers import save_tiny_start, tiny_config
 from model import ByteModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +96,54 @@ def test_prompt_mode_end_to_end_and_bad_input(tmp_path, monkeypatch, capsys):
             process.wait()
     assert process.returncode == 0, stderr
     assert stderr == "" and "you>" not in stdout
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return save_tiny_start(tmp_path_factory.mktemp("chat") / "model")
+
+
+def replied(monkeypatch, arguments: list[str]) -> dict:
+    """chat.py's main with `arguments`, stopped at the reply it would generate: what it generates with."""
+    seen = {}
+
+    def reply(language_model, tokenizer, messages, config, draft=None):
+        seen.update(model=language_model, messages=messages, config=config, draft=draft, seed=torch.initial_seed())
+        return ""
+
+    monkeypatch.setattr(chat, "reply", reply)
+    monkeypatch.setattr(sys, "argv", ["chat.py", *arguments])
+    chat.main()
+    return seen
+
+
+# An option -> its value, and what is true of the reply generated with it (and not of the one generated without).
+OPTIONS = {
+    "--model": ("{other}", lambda seen: seen["model"].lm_head.weight.abs().sum() == 0),
+    "--prompt": ("What is 2 + 3?", lambda seen: seen["messages"][-1] == {"role": "user", "content": "What is 2 + 3?"}),
+    "--system": ("Be brief.", lambda seen: seen["messages"][0] == {"role": "system", "content": "Be brief."}),
+    "--temperature": ("0.3", lambda seen: seen["config"].temperature == 0.3),
+    "--top-k": ("5", lambda seen: seen["config"].top_k == 5),
+    "--top-p": ("0.5", lambda seen: seen["config"].top_p == 0.5),
+    "--repetition-penalty": ("1.5", lambda seen: seen["config"].repetition_penalty == 1.5),
+    "--max-new-tokens": ("7", lambda seen: seen["config"].max_new_tokens == 7),
+    "--seed": ("1234", lambda seen: seen["seed"] == 1234),
+    "--compile": (None, lambda seen: seen["config"].cache_implementation == "static"),
+    "--quantize": ("int8", lambda seen: getattr(seen["model"].config, "quantization", None) == "int8"),
+    "--draft": ("int4", lambda seen: getattr(getattr(seen["draft"], "config", None), "quantization", None) == "int4"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_each_option_reaches_the_reply(option, model_folder, tmp_path, monkeypatch):
+    value, holds = OPTIONS[option]
+    if option == "--model":
+        other = AutoModelForCausalLM.from_pretrained(model_folder)
+        with torch.no_grad():
+            other.lm_head.weight.zero_()
+        other.save_pretrained(tmp_path / "other")
+        AutoTokenizer.from_pretrained(model_folder).save_pretrained(tmp_path / "other")
+    base = ["--model", str(model_folder), "--prompt", "hi"]
+    default = replied(monkeypatch, base)
+    changed = replied(monkeypatch, base + [option] + ([value.format(other=tmp_path / "other")] if value else []))
+    assert holds(changed) and not holds(default)

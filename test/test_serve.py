@@ -207,6 +207,96 @@ def test_bad_command_line_exits_2(tmp_path, monkeypatch, capsys):
         busy.close()
 
 
+def test_a_batch_waits_the_window_and_holds_at_most_max_batch_size(tokenizer):
+    engine = serve.Engine(random_model(tokenizer), tokenizer, max_batch_size=2, batch_window=0.3)
+    events = []
+    engine.submit([job(chat_ids(tokenizer, "hi"), 3, events, index) for index in range(3)])
+    started = time.monotonic()
+    batch = engine.next_batch()
+    assert time.monotonic() - started > 0.2
+    assert [queued.index for queued in batch] == [0, 1] and len(engine.queue) == 1
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """A tiny model folder, and another whose output layer is doubled."""
+    root = tmp_path_factory.mktemp("serve-options")
+    language_model = random_model(tokenizer)
+    for name in ("model", "other"):
+        language_model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        with torch.no_grad():
+            language_model.lm_head.weight.mul_(2.0)
+    return {"model": root / "model", "other": root / "other"}
+
+
+ENGINE = serve.Engine
+
+
+def served(monkeypatch, arguments: list[str]) -> dict:
+    """serve.py's main with `arguments`, stopped where uvicorn would start serving: its listening address, engine and
+    app, and the threads generation runs on."""
+    from fastapi.testclient import TestClient
+
+    seen = {}
+
+    class Server:
+        def __init__(self, config):
+            seen["app"] = config.app
+
+        def run(self, sockets):
+            seen["address"] = sockets[0].getsockname()[:2]
+            seen["threads"] = torch.get_num_threads()
+
+    class Engine(ENGINE):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["engine"] = self
+
+    monkeypatch.setattr(serve.uvicorn, "Server", Server)
+    monkeypatch.setattr(serve, "Engine", Engine)
+    monkeypatch.setattr(sys, "argv", ["serve.py", *arguments])
+    threads = torch.get_num_threads()
+    try:
+        serve.main()
+    finally:
+        torch.set_num_threads(threads)
+    with TestClient(seen["app"]) as client:
+        seen["model_ids"] = [model["id"] for model in client.get(
+            "/v1/models", headers={"Authorization": "Bearer secret"}).json()["data"]]
+        seen["unauthorised"] = client.get("/v1/models").status_code
+    return seen
+
+
+def output_layer(seen: dict) -> torch.Tensor:
+    return seen["engine"].model.lm_head.weight
+
+
+# An option -> its value, and what is true of the server started with it (and not of the one started without).
+# "{other}" and "{port}" stand for the second model folder and a free port.
+OPTIONS = {
+    "--model": ("{other}", lambda seen, default: torch.equal(output_layer(seen), 2 * output_layer(default))),
+    "--host": ("0.0.0.0", lambda seen, default: seen["address"][0] == "0.0.0.0"),
+    "--port": ("{port}", lambda seen, default: seen["address"][1] != default["address"][1]),
+    "--api-key": ("secret", lambda seen, default: seen["unauthorised"] == 401),
+    "--model-name": ("tiny", lambda seen, default: seen["model_ids"] == ["tiny"]),
+    "--max-batch-size": ("3", lambda seen, default: seen["engine"].max_batch_size == 3),
+    "--batch-window-ms": ("250", lambda seen, default: seen["engine"].batch_window == 0.25),
+    "--threads": ("2", lambda seen, default: seen["threads"] == 2),
+    "--quantize": ("int8", lambda seen, default: getattr(seen["engine"].model.config, "quantization", None) == "int8"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_each_option_reaches_the_server(option, model_folders, monkeypatch):
+    value, holds = OPTIONS[option]
+    value = value.format(other=model_folders["other"], port=free_port())
+    base = ["--model", str(model_folders["model"]), "--port", "0"]
+    default = served(monkeypatch, base)
+    changed = served(monkeypatch, base + [option, value])
+    assert holds(changed, default) and not holds(default, default)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One live server for the rest of the module.
 
