@@ -210,3 +210,14 @@ def test_a_grpo_reference_without_the_kl_term_is_refused(tmp_path):
         "reference_from": str(tmp_path)}})
     with pytest.raises(InputError, match="rlhf.reference_from needs rlhf.beta > 0"):
         check_training_config(config)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", 128), ("attention_dropout", 0.1), ("num_experts", 4)])
+def test_model_keys_beside_init_from_are_refused(tmp_path, key, value):
+    """The starting model keeps the architecture it was saved with: a model key beside it would do nothing."""
+    from utils.config import TrainingConfig, build_config, check_training_config
+
+    check_training_config(build_config(TrainingConfig, {"model": {"init_from": str(tmp_path)}}))
+    config = build_config(TrainingConfig, {"model": {"init_from": str(tmp_path), key: value}})
+    with pytest.raises(InputError, match=f"model.{key} does not apply with model.init_from"):
+        check_training_config(config)
