@@ -83,7 +83,6 @@ def step_folders(out_dir: Path) -> list[str]:
 def global_gradient_norm(model) -> float:
     """The norm of the whole gradient across ranks, from each rank's own part: its shards under FSDP2, where every
     rank holds a slice of each gradient; under DDP each rank holds all of it, so that is counted once."""
-    import torch
     import torch.distributed as dist
 
     local = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
