@@ -138,6 +138,14 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             "val": root / "val.jsonl"}
 
 
+def measured_once(measures: dict) -> dict[str, benchmark.Measured]:
+    """What `benchmark.alternate` returns, from one call of each measure."""
+    results = {name: benchmark.Measured() for name in measures}
+    for name, measure in measures.items():
+        results[name].run(measure)
+    return results
+
+
 def benchmark_arguments(folders: dict) -> list[str]:
     """A small benchmark of every kind of row but GRPO's."""
     return ["--models", "dense", "--batch-size", "2", "--seq-len", "8", "--train-steps", "1", "--rounds", "1",
@@ -164,10 +172,7 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
     def alternate(measures, rounds):
         seen["rounds"]["train" if any(hasattr(measure, "training") for measure in measures.values())
                        else "generate"].add(rounds)
-        results = {name: benchmark.Measured() for name in measures}
-        for name, measure in measures.items():
-            results[name].run(measure)
-        return results
+        return measured_once(measures)
 
     def recorded(function, **positions):
         def call(*args, **kwargs):
@@ -277,10 +282,7 @@ def bench_moe_run(monkeypatch, tmp_path, arguments: list[str]) -> dict:
 
     def alternate(measures, rounds):
         seen["rounds"].add(rounds)
-        results = {name: benchmark.Measured() for name in measures}
-        for name, measure in measures.items():
-            results[name].run(measure)
-        return results
+        return measured_once(measures)
 
     def timed_training(model, batch, precision, steps, compiled=False):
         seen["configs"].append(model.config)
