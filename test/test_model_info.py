@@ -56,6 +56,24 @@ def test_moe_model_report_shows_routing(tmp_path):
     assert (tmp_path / "report" / "plots" / "moe_routing.png").read_bytes()[:8] == PNG
 
 
+def test_routing_reads_the_data_and_the_tokenizer_it_is_given(tmp_path, tokenizer):
+    """--data and --tokenizer: the routed tokens are the given text's under the given tokenizer, and a --tokenizer
+    folder without one is refused by name rather than replaced by another."""
+    torch.manual_seed(0)
+    ByteModel(tiny_config(vocab_size=6400, num_experts=4, moe_intermediate_size=32)).save_pretrained(tmp_path / "moe")
+    text = "Routing reads this text, 路由读这段文字。"
+    data = tmp_path / "short.jsonl"
+    data.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    arguments = ["--model", str(tmp_path / "moe"), "--out", str(tmp_path / "report"), "--data", str(data)]
+    main([*arguments, "--tokenizer", str(tmp_path / "tokenizer")])
+    routing = json.loads((tmp_path / "report" / "moe_report.json").read_text())["routing"]
+    assert routing["tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=f"no tokenizer in {tmp_path / 'empty'}"):
+        main([*arguments, "--tokenizer", str(tmp_path / "empty")])
+
+
 # ---------------------------------------------------------------- memory
 
 
