@@ -108,7 +108,7 @@ def training_tokens_per_s(config: TrainingConfig, tokenizer, batch: dict, steps:
     return steps * batch["input_ids"].numel() / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/model_pretrain.yaml")
     parser.add_argument("--sizes", default="1,4", help="corpus sizes, in copies of the demo training corpus")
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=300, help="batches to time each loader over")
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--output", default="model_info/bench_data.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     config, _ = parse_config(TrainingConfig, args.config, "bench", argv=["--config", args.config])
     tokenizer_folder = config.data.tokenizer or "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)

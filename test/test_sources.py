@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import runpy
 import sqlite3
 import subprocess
 import sys
@@ -714,6 +715,17 @@ def test_jsonl_to_sqlite_malformed_line_leaves_no_database(conversions):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {files[0]}:3: malformed JSON"), err
     assert not database.exists() and not list(database.parent.glob("new.db*"))
+
+
+def test_jsonl_to_sqlite_writes_the_table_it_is_told(tmp_path, monkeypatch, capsys):
+    records = write_lines(tmp_path / "sft.jsonl", CONVERTED[:3])
+    database = tmp_path / "named.db"
+    monkeypatch.setattr(sys, "argv", ["jsonl_to_sqlite.py", str(records), "--db", str(database), "--table", "chats"])
+    runpy.run_path(str(ROOT / "scripts" / "jsonl_to_sqlite.py"), run_name="__main__")
+    assert capsys.readouterr().out == f"3 rows -> {table_spec(database, 'chats')}\n"
+    with closing(sqlite3.connect(database)) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("chats",)]
+    assert [record for _, record in read_records([table_spec(database, "chats")])] == CONVERTED[:3]
 
 
 def test_write_table_is_one_transaction(tmp_path):
