@@ -117,11 +117,8 @@ class ByteBaseModel(BytePreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
 
         query_length = inputs_embeds.shape[1]
-        paged = past_key_values is not None and not isinstance(past_key_values, Cache)
-        if paged and self.rotary_emb.rope_type == "dynamic":
-            raise ValueError("continuous batching needs rotated keys in its paged cache; dynamic NTK RoPE caches "
-                             "them un-rotated: generate with a regular cache instead")
         # A paged cache (continuous batching) passes positions and masks of its own and has no sequence length.
+        paged = past_key_values is not None and not isinstance(past_key_values, Cache)
         past_length = past_key_values.get_seq_length() if past_key_values is not None and not paged else 0
         check_attention_mask(attention_mask, past_length, query_length)
         if position_ids is None:
@@ -243,6 +240,14 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
             cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
             return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, DynamicCache)
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (`generate_batch` too). Its paged cache holds rotated keys, which dynamic
+        NTK RoPE cannot use (it keeps keys un-rotated and rotates them for each length)."""
+        if self.model.rotary_emb.rope_type == "dynamic":
+            raise ValueError("continuous batching needs a model without dynamic NTK RoPE (its keys are cached "
+                             "un-rotated, a paged cache holds rotated ones): use generate")
+        return super().init_continuous_batching(*args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         """Every way of switching checkpointing on (`activation_checkpointing_enable`, the older
