@@ -263,3 +263,21 @@ def test_a_sharded_model_is_saved_as_its_own_class(tmp_path):
     assert saved["architectures"] == ["ByteModel"]
     assert sorted(path.name for path in tmp_path.glob("*.py")) == CODE_FILES
     assert type(model) is sharded_class
+
+
+def test_a_resumed_run_may_change_the_attention_implementation_only():
+    defaults = config_to_dict(TrainingConfig())
+    saved, current = config_to_dict(TrainingConfig()), config_to_dict(TrainingConfig())
+    current["model"]["attn_implementation"] = "eager"  # another kernel, the same computation
+    assert resume_mismatch(saved, current, defaults) is None
+    current["model"]["hidden_size"] = 256
+    assert resume_mismatch(saved, current, defaults) == "model.hidden_size was 512, this run has 256"
+
+
+def test_a_starting_model_loads_with_the_attention_implementation_asked_for(tmp_path):
+    from helpers import save_tiny_start
+    from utils.checkpoint import load_starting_model
+
+    folder = save_tiny_start(tmp_path / "start")
+    assert load_starting_model(str(folder)).config._attn_implementation == "sdpa"
+    assert load_starting_model(str(folder), "eager").config._attn_implementation == "eager"

@@ -219,6 +219,9 @@ def _model_section() -> type:
               for name, annotation in ByteModelConfig.__annotations__.items() if name not in NOT_IN_MODEL_SECTION]
     # A model folder to start from (this project's final/, a Llama or Mixtral folder) instead of random weights.
     fields.append(("init_from", str | None, field(default=None)))
+    # The attention function (transformers' attention interface): sdpa, eager, or one registered with
+    # AttentionInterface. Not part of the saved model: a folder loads with whichever the loader asks for.
+    fields.append(("attn_implementation", str, field(default="sdpa")))
     return dataclasses.make_dataclass("ModelSection", fields, namespace={
         "__doc__": "ByteModelConfig's fields; vocabulary and special token ids come from the tokenizer.",
         "canonical_names": staticmethod(ByteModelConfig.canonical_names),
@@ -475,10 +478,25 @@ def resolve_tokenizer(config: TrainingConfig) -> str:
     return init_from
 
 
+def check_attn_implementation(name: str, where: str) -> None:
+    """Refuse, in one line, an attention implementation that ByteModel cannot run (transformers decides: unknown
+    names, kernels not installed or not supported by the model)."""
+    from model import ByteModel
+
+    tiny = ByteModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                           intermediate_size=8)
+    tiny._attn_implementation = name
+    try:
+        ByteModel(tiny)
+    except (ValueError, ImportError) as error:
+        raise InputError(f"{where} {name!r}: {str(error).strip().splitlines()[0]}") from None
+
+
 def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None):
     """The ByteModelConfig of a model section plus what the tokenizer decides: vocabulary size and special token
     ids (or just `vocab_size`, where only the shapes matter)."""
     fields = {key: value for key, value in dataclasses.asdict(section).items() if key != "init_from"}
+    check_attn_implementation(fields["attn_implementation"], "model.attn_implementation")
     if tokenizer is not None:
         fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
