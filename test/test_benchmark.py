@@ -1,12 +1,16 @@
 """scripts/benchmark.py's inference rows: on tiny models, what each row claims must follow from what ran."""
 
 import argparse
+import json
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import trl
 
+import utils.trainer
 from helpers import randomize_, tiny_config
 from model import ByteModel
 from utils.quantize import weight_bytes
@@ -85,8 +89,23 @@ def test_grpo_rows_time_both_trainers_on_the_same_work(tmp_path, monkeypatch):
     args = argparse.Namespace(grpo_steps=1, grpo_prompts=2, grpo_generations=2, grpo_tokens=4,
                               tokenizer=str(ROOT / "tokenizer"))
     result = {"rows": []}
+    our_steps, trl_settings, tokenizers = [], [], []
+    train_step, grpo_config = utils.trainer.Trainer.train_step, trl.GRPOConfig
+    monkeypatch.setattr(utils.trainer.Trainer, "train_step",
+                        lambda self, batches: our_steps.append(self.config.rlhf) or train_step(self, batches))
+    monkeypatch.setattr(trl, "GRPOConfig", lambda **settings: trl_settings.append(settings) or grpo_config(**settings))
+    from_pretrained = benchmark.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(benchmark.AutoTokenizer, "from_pretrained",
+                        lambda folder, **kwargs: tokenizers.append(str(folder)) or from_pretrained(folder, **kwargs))
     with torch.random.fork_rng():
         benchmark.grpo_rows(args, result)
+    # Two warm-up steps and the timed one on each side, with the options' prompts, completions and tokens.
+    assert len(our_steps) == 3 and {(rlhf.prompts_per_step, rlhf.num_generations, rlhf.max_completion_tokens)
+                                    for rlhf in our_steps} == {(2, 2, 4)}
+    (settings,) = trl_settings
+    assert (settings["max_steps"], settings["per_device_train_batch_size"], settings["num_generations"],
+            settings["max_completion_length"]) == (3, 4, 2, 4)
+    assert tokenizers[0] == args.tokenizer
     ours, theirs = result["rows"]
     assert (ours["variant"], theirs["variant"]) == ("StellarByte", "TRL GRPOTrainer")
     assert ours["steps_per_s"] > 0 and theirs["steps_per_s"] > 0 and theirs["ratio"] == 1.0
@@ -94,3 +113,319 @@ def test_grpo_rows_time_both_trainers_on_the_same_work(tmp_path, monkeypatch):
     assert ours["tokens_per_s"] == pytest.approx(ours["steps_per_s"] * 2 * 2 * 4)
     assert "| grpo step |" in benchmark.markdown({**result, "date": "d", "machine": "m", "peak_matmul_flops": {},
                                                   "settings": {}})
+
+
+TINY_DENSE = dict(vocab_size=6400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+TINY_MOE = dict(TINY_DENSE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+VAL_TEXT = ROOT / "datasets/demo/pretrain_val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Stand-ins for trained models (a tiny one with the demo tokenizer, and a smaller draft), and output folders."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("benchmark")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer")
+    for name, model in (("model", tiny(0)), ("draft", tiny(1, hidden_size=16, num_attention_heads=1,
+                                                            num_key_value_heads=1))):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    # Other validation text: the demo's documents in reverse order.
+    (root / "val.jsonl").write_text("".join(reversed(VAL_TEXT.read_text(encoding="utf-8").splitlines(True))),
+                                    encoding="utf-8")
+    return {"model": root / "model", "draft": root / "draft", "out": root / "out", "elsewhere": root / "elsewhere",
+            "val": root / "val.jsonl"}
+
+
+def benchmark_arguments(folders: dict) -> list[str]:
+    """A small benchmark of every kind of row but GRPO's."""
+    return ["--models", "dense", "--batch-size", "2", "--seq-len", "8", "--train-steps", "1", "--rounds", "1",
+            "--prompt-len", "4", "--new-tokens", "3", "--generate-batches", "1", "--generate-rounds", "1",
+            "--inference-models", str(folders["model"]), "--quantize", "int8", "--draft", "",
+            "--inference-new-tokens", "3", "--quality-windows", "2", "--val-files", str(VAL_TEXT),
+            "--tokenizer", str(ROOT / "tokenizer"), "--grpo-steps", "0", "--out", str(folders["out"])]
+
+
+def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
+    """benchmark.py's main with `arguments` on tiny models, each measure run once and nothing compiled: the result it
+    wrote, and what it measured (the rounds of the training and the generation measures, each training measure's
+    steps, each generation's new tokens, each quality measurement's files and windows, the tokenizers it loaded)."""
+    seen = {"folders": folders, "rounds": {"train": set(), "generate": set()}, "train_steps": [], "new_tokens": [],
+            "texts": [], "windows": [], "tokenizers": []}
+    trainer_for = benchmark.trainer_for
+
+    def timed_training(model, batch, precision, steps, compiled=False):
+        seen["train_steps"].append(steps)
+        measure = trainer_for(model, batch, precision, steps, compiled)
+        measure.training = True
+        return measure
+
+    def alternate(measures, rounds):
+        seen["rounds"]["train" if any(hasattr(measure, "training") for measure in measures.values())
+                       else "generate"].add(rounds)
+        results = {name: benchmark.Measured() for name in measures}
+        for name, measure in measures.items():
+            results[name].run(measure)
+        return results
+
+    def recorded(function, **positions):
+        def call(*args, **kwargs):
+            for key, position in positions.items():
+                seen[key].append(args[position])
+            return function(*args, **kwargs)
+        return call
+
+    from_pretrained = benchmark.AutoTokenizer.from_pretrained
+    with monkeypatch.context() as patch:
+        patch.setattr(benchmark, "DENSE", TINY_DENSE)
+        patch.setattr(benchmark, "MOE", TINY_MOE)
+        patch.setattr(benchmark, "alternate", alternate)
+        patch.setattr(benchmark, "measure_peak_flops", lambda device, dtype: 1e12)
+        patch.setattr(benchmark, "stream_read_bandwidth", lambda: 1e10)
+        patch.setattr(benchmark, "trainer_for", timed_training)
+        patch.setattr(benchmark, "generator_for", recorded(benchmark.generator_for, new_tokens=2))
+        patch.setattr(benchmark, "validation_windows", recorded(benchmark.validation_windows, texts=1, windows=2))
+        patch.setattr(benchmark.AutoTokenizer, "from_pretrained",
+                      lambda folder, **kwargs: seen["tokenizers"].append(str(folder)) or from_pretrained(folder))
+        patch.setattr(torch, "compile", lambda model, **kwargs: model)
+        patch.chdir(ROOT)
+        with torch.random.fork_rng():
+            seen["written"] = benchmark.main(arguments)
+    seen["result"] = json.loads(seen["written"].with_suffix(".json").read_text())
+    return seen
+
+
+@pytest.fixture(scope="module")
+def default_benchmark(folders):
+    with pytest.MonkeyPatch.context() as patch:
+        return benchmarked(patch, folders, benchmark_arguments(folders))
+
+
+def variants(seen: dict, key: str = "rows") -> set[str]:
+    return {row["variant"] for row in seen["result"][key]}
+
+
+def shapes(seen: dict, task: str) -> set[str]:
+    return {row["batch"] for row in seen["result"]["rows"] if row["task"].startswith(task)}
+
+
+def models(seen: dict, key: str = "rows") -> set[str]:
+    return {row["model"] for row in seen["result"][key]}
+
+
+# An option -> its value (with any other options it needs), and what is true of the benchmark run with it (and not of
+# the run without it). Braces name the test's folders. The GRPO rows' options are
+# test_grpo_rows_time_both_trainers_on_the_same_work's.
+OPTIONS = {
+    "--models": (["moe"], lambda seen: models(seen) == {"moe"}),
+    "--batch-size": (["3"], lambda seen: shapes(seen, "train") == {"3x8"}),
+    "--seq-len": (["12"], lambda seen: shapes(seen, "train") == {"2x12"}),
+    "--train-steps": (["2"], lambda seen: set(seen["train_steps"]) == {2}),
+    "--rounds": (["2"], lambda seen: seen["rounds"]["train"] == {2}),
+    "--prompt-len": (["5"], lambda seen: shapes(seen, "generate") == {"1x5+3"}),
+    "--new-tokens": (["4"], lambda seen: shapes(seen, "generate") == {"1x4+4"}),
+    "--generate-batches": (["2"], lambda seen: {row["batch"] for row in seen["result"]["inference"]} == {2}),
+    "--generate-rounds": (["2"], lambda seen: seen["rounds"]["generate"] == {2}),
+    "--no-compile": ([], lambda seen: not any("compiled" in variant for variant in variants(seen))),
+    "--inference-models": (["dense"], lambda seen: models(seen, "inference") == {"dense"}),
+    "--quantize": (["int4"], lambda seen: "ByteModel int4" in variants(seen, "inference")),
+    "--draft": (["{draft}"], lambda seen: "ByteModel fp32 + draft" in variants(seen, "inference")),
+    "--inference-new-tokens": (["5"], lambda seen: set(seen["new_tokens"][-3:]) == {5}),
+    "--quality-windows": (["3"], lambda seen: set(seen["windows"]) == {3}),
+    "--val-files": (["{val}"], lambda seen: seen["texts"] == [[str(seen["folders"]["val"])]]),
+    # The tokenizer of the `dense` inference model (and of the GRPO rows).
+    "--tokenizer": (["{draft}", "--inference-models", "dense"],
+                    lambda seen: str(seen["folders"]["draft"]) in seen["tokenizers"]),
+    "--out": (["{elsewhere}"], lambda seen: seen["written"].parent.name == "elsewhere"),
+    "--quick": ([], lambda seen: seen["written"].name == "benchmark_quick.md"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_each_option_reaches_what_the_benchmark_measures(option, folders, default_benchmark, monkeypatch):
+    values, holds = OPTIONS[option]
+    changed = benchmark_arguments(folders) + [option] + [value.format(**folders) for value in values]
+    assert holds(benchmarked(monkeypatch, folders, changed)) and not holds(default_benchmark)
+
+
+def test_bench_model_is_the_quick_dense_benchmark_with_its_options_after(monkeypatch):
+    """scripts/bench_model.py's options are the benchmark's (OPTIONS above), given after its presets."""
+    calls = []
+    monkeypatch.setattr(benchmark, "main", calls.append)
+    monkeypatch.setattr(sys, "argv", ["bench_model.py", "--rounds", "5", "--models", "moe"])
+    runpy.run_path(str(ROOT / "scripts" / "bench_model.py"), run_name="__main__")
+    assert calls == [["--models", "dense", "--quick", "--rounds", "5", "--models", "moe"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/bench_moe.py
+
+import bench_moe  # noqa: E402
+
+BENCH_MOE = ["--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--experts", "4", "--top-k",
+             "2", "--expert-size", "16", "--vocab-size", "64", "--batch-size", "2", "--seq-len", "8", "--train-steps",
+             "1", "--layer-repeats", "1", "--rounds", "1"]
+
+
+def bench_moe_run(monkeypatch, tmp_path, arguments: list[str]) -> dict:
+    """bench_moe.py's main with `arguments`, each measure run once: its JSON result, the models it trained and the
+    steps, repeats and rounds it timed."""
+    seen = {"configs": [], "steps": set(), "repeats": set(), "rounds": set()}
+    trainer_for, layer_seconds = bench_moe.trainer_for, bench_moe.layer_seconds
+
+    def alternate(measures, rounds):
+        seen["rounds"].add(rounds)
+        results = {name: benchmark.Measured() for name in measures}
+        for name, measure in measures.items():
+            results[name].run(measure)
+        return results
+
+    def timed_training(model, batch, precision, steps, compiled=False):
+        seen["configs"].append(model.config)
+        seen["steps"].add(steps)
+        return trainer_for(model, batch, precision, steps, compiled)
+
+    def timed_layer(forward, layer, x, precision, repeats):
+        seen["repeats"].add(repeats)
+        return layer_seconds(forward, layer, x, precision, repeats)
+
+    output = tmp_path / "bench_moe.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_moe, "alternate", alternate)
+        patch.setattr(bench_moe, "trainer_for", timed_training)
+        patch.setattr(bench_moe, "layer_seconds", timed_layer)
+        patch.setattr(sys, "argv", ["bench_moe.py", "--output", str(output), *arguments])
+        with torch.random.fork_rng():
+            bench_moe.main()
+    seen["output"], seen["result"] = output, json.loads(output.read_text())
+    seen["byte_model"] = seen["configs"][0]
+    return seen
+
+
+def moe_config(seen: dict, key: str):
+    return getattr(seen["byte_model"], key)
+
+
+# An option -> its value, and what is true of the run with it (and not of the run without it).
+BENCH_MOE_OPTIONS = {
+    "--hidden-size": ("64", lambda seen: seen["result"]["config"]["hidden_size"] == 64),
+    "--layers": ("2", lambda seen: seen["result"]["config"]["num_hidden_layers"] == 2),
+    "--heads": ("4", lambda seen: moe_config(seen, "num_attention_heads") == 4),
+    "--kv-heads": ("2", lambda seen: moe_config(seen, "num_key_value_heads") == 2),
+    "--experts": ("8", lambda seen: seen["result"]["config"]["num_experts"] == 8),
+    "--top-k": ("1", lambda seen: seen["result"]["config"]["num_experts_per_tok"] == 1),
+    "--expert-size": ("24", lambda seen: seen["result"]["config"]["moe_intermediate_size"] == 24),
+    "--vocab-size": ("96", lambda seen: moe_config(seen, "vocab_size") == 96),
+    "--batch-size": ("3", lambda seen: seen["result"]["tokens"] == 3 * 8),
+    "--seq-len": ("12", lambda seen: seen["result"]["tokens"] == 2 * 12),
+    "--train-steps": ("2", lambda seen: seen["steps"] == {2}),
+    "--layer-repeats": ("2", lambda seen: seen["repeats"] == {2}),
+    "--rounds": ("2", lambda seen: seen["rounds"] == {2}),
+}
+
+
+@pytest.fixture(scope="module")
+def default_bench_moe(tmp_path_factory) -> dict:
+    with pytest.MonkeyPatch.context() as patch:
+        return bench_moe_run(patch, tmp_path_factory.mktemp("bench_moe"), BENCH_MOE)
+
+
+@pytest.mark.parametrize("option", sorted(BENCH_MOE_OPTIONS))
+def test_each_option_reaches_what_bench_moe_measures(option, default_bench_moe, tmp_path, monkeypatch):
+    value, holds = BENCH_MOE_OPTIONS[option]
+    assert holds(bench_moe_run(monkeypatch, tmp_path, BENCH_MOE + [option, value])) and not holds(default_bench_moe)
+
+
+def test_bench_moe_writes_its_output_where_told(default_bench_moe):
+    assert default_bench_moe["output"].name == "bench_moe.json" and default_bench_moe["output"].is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/bench_serve.py
+
+import bench_serve  # noqa: E402
+
+
+def bench_serve_run(monkeypatch, tmp_path, arguments: list[str]) -> dict:
+    """bench_serve.py's main with `arguments` against a stand-in server: the command it would start the server with,
+    the client it made, the requests it sent and the table it wrote."""
+    seen = {"commands": [], "clients": [], "requests": []}
+
+    class Process:
+        def poll(self):
+            return None
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            return 0
+
+    def one_request(client, endpoint, prompt, max_tokens):
+        seen["requests"].append((endpoint, prompt, max_tokens))
+        return {"ttft": 0.01, "latency": 0.02, "tokens": max_tokens}
+
+    output = tmp_path / "bench_serve.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_serve.subprocess, "Popen", lambda command, **kwargs: seen["commands"].append(command)
+                      or Process())
+        patch.setattr(bench_serve, "health", lambda url: {"model": "tiny", "batches": 0})
+        patch.setattr(bench_serve.openai, "OpenAI", lambda **settings: seen["clients"].append(settings))
+        patch.setattr(bench_serve, "one_request", one_request)
+        patch.setattr(sys, "argv", ["bench_serve.py", "--output", str(output), *arguments])
+        bench_serve.main()
+    seen["output"], seen["result"] = output, json.loads(output.read_text())
+    return seen
+
+
+def first_words(path: Path, count: int) -> list[str]:
+    return [json.loads(line)["text"][:bench_serve.PROMPT_CHARACTERS]
+            for line in path.read_text(encoding="utf-8").splitlines()[:count]]
+
+
+BENCH_SERVE = ["--requests", "3", "--clients", "1", "2"]
+# An option -> its value, and what is true of the run with it (and not of the run without it). "{text}" is a file of
+# other documents.
+BENCH_SERVE_OPTIONS = {
+    "--model": ("elsewhere/final", lambda seen: seen["commands"][0][seen["commands"][0].index("--model") + 1]
+                == "elsewhere/final"),
+    "--url": ("http://127.0.0.1:1/", lambda seen: not seen["commands"]
+              and seen["clients"][0]["base_url"] == "http://127.0.0.1:1/v1"),
+    "--api-key": ("secret", lambda seen: seen["clients"][0]["api_key"] == "secret"),
+    "--requests": ("5", lambda seen: [level["requests"] for level in seen["result"]["levels"]] == [5, 5]),
+    "--clients": ("4", lambda seen: [level["clients"] for level in seen["result"]["levels"]] == [4]),
+    "--max-tokens": ("9", lambda seen: {request[2] for request in seen["requests"]} == {9}
+                     and seen["result"]["max_tokens"] == 9),
+    "--threads": ("1", lambda seen: seen["commands"][0][-2:] == ["--threads", "1"]),
+    "--endpoint": ("chat", lambda seen: {request[0] for request in seen["requests"]} == {"chat"}
+                   and seen["result"]["endpoint"] == "chat"),
+    "--data": ("{text}", lambda seen: [request[1] for request in seen["requests"][1:4]]
+               == first_words(seen["text"], 3)),
+}
+
+
+@pytest.fixture(scope="module")
+def other_text(tmp_path_factory) -> Path:
+    lines = VAL_TEXT.read_text(encoding="utf-8").splitlines(True)
+    return write_text(tmp_path_factory.mktemp("bench_serve") / "other.jsonl", "".join(reversed(lines)))
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("option", sorted(BENCH_SERVE_OPTIONS))
+def test_each_option_reaches_what_bench_serve_measures(option, other_text, tmp_path, monkeypatch):
+    value, holds = BENCH_SERVE_OPTIONS[option]
+    default = bench_serve_run(monkeypatch, tmp_path / "default", BENCH_SERVE)
+    changed = bench_serve_run(monkeypatch, tmp_path / "changed", BENCH_SERVE + [option, value.format(text=other_text)])
+    default["text"] = changed["text"] = other_text
+    assert holds(changed) and not holds(default)
+
+
+def test_bench_serve_writes_its_table_where_told(tmp_path, monkeypatch):
+    seen = bench_serve_run(monkeypatch, tmp_path, BENCH_SERVE)
+    assert seen["output"].is_file() and seen["output"].with_suffix(".md").read_text().startswith("Serving `tiny`")
