@@ -54,6 +54,13 @@ class BytePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, with `AutoModel` named in the folder's auto_map beside the saved class: serving engines
+        that run a custom model through transformers (vLLM's and SGLang's Transformers backends) load its base model
+        with AutoModel."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling.ByteBaseModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
