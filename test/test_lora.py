@@ -110,3 +110,13 @@ def test_unsupported_target_module_says_why(base):
     with pytest.raises(InputError) as error:
         add_lora(base, lora_section(target_modules=["mlp"]))
     assert str(error.value) == "lora.target_modules: 'mlp' names ByteMLP modules, not linear layers"
+
+
+def test_lora_settings_reach_the_adapters(base):
+    """Rank, alpha (the adapters' scale is alpha / rank), dropout and the targeted layers, none at its default."""
+    model = add_lora(base, lora_section(rank=3, alpha=6.0, dropout=0.2, target_modules=["q_proj", "up_proj"]))
+    adapted = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert set(adapted) == {"q_proj", "up_proj"}
+    for module in adapted.values():
+        assert module.r["default"] == 3 and module.scaling["default"] == 2.0
+        assert module.lora_dropout["default"].p == 0.2

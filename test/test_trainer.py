@@ -327,7 +327,8 @@ def test_init_from_a_saved_model(tmp_path, cache_dir, short_run):
 
 def test_ddp_and_fsdp_clip_the_global_gradient_to_exactly_grad_clip(tmp_path, cache_dir):
     """Two processes of a micro-batch each, against one process accumulating two: every rank logs the global norm
-    before clipping (the one process's), and steps with the global gradient scaled to exactly optim.grad_clip."""
+    before clipping (the one process's), and steps with the global gradient scaled to exactly optim.grad_clip; only
+    FSDP2 shards the parameters."""
     clip = 0.01
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(ROOT / "test" / "training.py"), str(tmp_path), str(clip)], cwd=ROOT,
@@ -340,6 +341,7 @@ def test_ddp_and_fsdp_clip_the_global_gradient_to_exactly_grad_clip(tmp_path, ca
         for strategy in ("ddp", "fsdp"):
             assert seen[strategy]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), (rank, strategy)
             assert seen[strategy]["stepped"] == pytest.approx(clip, rel=1e-4), (rank, strategy)
+            assert seen[strategy]["sharded"] == (strategy == "fsdp")
 
 
 # ------------------------------------------------------------------------------------------------------ 5. NaN steps
@@ -425,6 +427,7 @@ def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, ca
     ("train", "micro_batch_size", 0, "train.micro_batch_size"),
     ("train", "max_steps", 0, "train.max_steps"),
     ("optim", "min_lr", 1.0, "optim.min_lr"),
+    ("optim", "lr", 0.0, "optim.lr must be > 0"),
     ("logging", "sample_repetition_penalty", 0.0, "logging.sample_repetition_penalty must be > 0"),
 ])
 def test_trainer_checks_the_config_up_front(tmp_path, cache_dir, section, key, value, message):

@@ -223,3 +223,17 @@ def test_model_attn_implementation_reaches_the_model_and_bad_names_are_one_line(
         with pytest.raises(InputError, match=f"model.attn_implementation '{name}': .*{reason}") as error:
             model_config_from(ModelSection(attn_implementation=name), vocab_size=32)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", 128), ("attention_dropout", 0.1), ("num_experts", 4)])
+def test_model_keys_beside_init_from_are_refused(tmp_path, key, value):
+    """The starting model keeps the architecture it was saved with: a model key beside it would do nothing."""
+    from utils.config import TrainingConfig, build_config, check_training_config
+
+    check_training_config(build_config(TrainingConfig, {"model": {"init_from": str(tmp_path)}}))
+    config = build_config(TrainingConfig, {"model": {"init_from": str(tmp_path), key: value}})
+    with pytest.raises(InputError, match=f"model.{key} does not apply with model.init_from"):
+        check_training_config(config)
+    # The attention function is not part of the architecture: a starting model runs with the one asked for.
+    check_training_config(build_config(TrainingConfig, {"model": {"init_from": str(tmp_path),
+                                                                  "attn_implementation": "eager"}}))

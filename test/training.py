@@ -28,6 +28,8 @@ def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
         # No figures: drawing them costs more than most of these runs (test_plots turns them on).
         "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False},
     }
+    if "init_from" in sections.get("model", {}):
+        values["model"] = {}  # the starting model keeps its own architecture
     for section, overrides in sections.items():
         values[section] = {**values[section], **overrides}
     return build_config(TrainingConfig, values)
@@ -81,7 +83,6 @@ def step_folders(out_dir: Path) -> list[str]:
 def global_gradient_norm(model) -> float:
     """The norm of the whole gradient across ranks, from each rank's own part: its shards under FSDP2, where every
     rank holds a slice of each gradient; under DDP each rank holds all of it, so that is counted once."""
-    import torch
     import torch.distributed as dist
 
     local = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
@@ -93,8 +94,8 @@ def global_gradient_norm(model) -> float:
 
 
 def clipped_step(out_dir: Path, cache_dir: Path, grad_clip: float, **train) -> dict:
-    """The first step of a tiny pretraining run (`train` overrides its train section): the gradient norm it logs and
-    the global norm of the gradient the optimizer stepped with."""
+    """The first step of a tiny pretraining run (`train` overrides its train section): the gradient norm it logs,
+    the global norm of the gradient the optimizer stepped with, and whether the parameters were sharded."""
     config = make_config(out_dir, cache_dir, train={"max_steps": 2, **train}, optim={"grad_clip": grad_clip})
     trainer = Trainer(config, model_pretrain.PRETRAINING)
     stepped = []
@@ -102,7 +103,8 @@ def clipped_step(out_dir: Path, cache_dir: Path, grad_clip: float, **train) -> d
     batches = iter(trainer.batches)
     _, grad_norm, _ = trainer.train_step([next(batches) for _ in range(config.train.grad_accum_steps)])
     trainer.metrics.close()
-    return {"grad_norm": grad_norm, "stepped": stepped[0]}
+    sharded = any(hasattr(parameter, "to_local") for parameter in trainer.wrapped.parameters())
+    return {"grad_norm": grad_norm, "stepped": stepped[0], "sharded": sharded}
 
 
 if __name__ == "__main__":

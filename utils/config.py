@@ -386,8 +386,17 @@ def check_training_config(config: TrainingConfig) -> None:
     penalty = config.logging.sample_repetition_penalty
     if penalty <= 0:
         raise InputError(f"logging.sample_repetition_penalty must be > 0, got {penalty}")
+    if config.optim.lr <= 0:
+        raise InputError(f"optim.lr must be > 0, got {config.optim.lr}")
     if not 0 <= config.optim.min_lr <= config.optim.lr:
         raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
+    check_attn_implementation(config.model.attn_implementation, "model.attn_implementation")
+    if config.model.init_from is not None:
+        defaults = ModelSection()
+        for name, value in vars(config.model).items():
+            if name not in ("init_from", "attn_implementation") and value != getattr(defaults, name):
+                raise InputError(f"model.{name} does not apply with model.init_from: the starting model keeps the "
+                                 f"architecture it was saved with")
     lora = config.lora
     if lora.enabled:
         if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
