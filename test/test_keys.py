@@ -380,6 +380,9 @@ MODEL_KEYS = {
     **{f"--model.{alias}": (f"{MODEL_TESTS}[{alias}]", SEED_NAMES_TEST)
        for alias in (*ByteModelConfig.attribute_map, "moe_enabled")},
     "--model.init_from": (TRAINER + "test_init_from_a_saved_model", INIT_FROM_ALONE),
+    "--model.attn_implementation": (
+        "test/test_utils_config.py::test_model_attn_implementation_reaches_the_model_and_bad_names_are_one_line",
+        MODELING + "test_a_registered_attention_function_is_called"),
 }
 
 # The keys of the one engine, whichever stage it runs.
@@ -435,7 +438,8 @@ BENCHMARK = {
     **{option: f"{BENCHMARK_TEST}[{option}]" for option in (
         "--models", "--batch-size", "--seq-len", "--train-steps", "--rounds", "--prompt-len", "--new-tokens",
         "--generate-batches", "--generate-rounds", "--no-compile", "--inference-models", "--quantize", "--draft",
-        "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out", "--quick")},
+        "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out", "--quick",
+        "--attn-implementation")},
     **{option: "test/test_benchmark.py::test_grpo_rows_time_both_trainers_on_the_same_work"
        for option in ("--grpo-steps", "--grpo-prompts", "--grpo-generations", "--grpo-tokens")},
 }
@@ -514,11 +518,11 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
     },
     "scripts/chat.py": each("test/test_chat.py::test_each_option_reaches_the_reply", (
         "--model", "--prompt", "--system", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
-        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft")),
+        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft", "--attn-implementation")),
     "scripts/serve.py": {
         **each("test/test_serve.py::test_each_option_reaches_the_server", (
             "--model", "--host", "--port", "--api-key", "--model-name", "--max-batch-size", "--batch-window-ms",
-            "--threads", "--quantize")),
+            "--threads", "--quantize", "--attn-implementation")),
         # What the engine does with them.
         "--max-batch-size": ("test/test_serve.py::test_each_option_reaches_the_server[--max-batch-size]",
                              "test/test_serve.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import torch
 import yaml
 
 from model.config import ByteModelConfig
@@ -496,7 +497,8 @@ def check_attn_implementation(name: str, where: str) -> None:
                            intermediate_size=8)
     tiny._attn_implementation = name
     try:
-        ByteModel(tiny)
+        with torch.device("meta"):  # transformers checks the name while building; no weights, no random numbers
+            ByteModel(tiny)
     except (ValueError, ImportError) as error:
         raise InputError(f"{where} {name!r}: {str(error).strip().splitlines()[0]}") from None
 
