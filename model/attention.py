@@ -30,6 +30,7 @@ class ByteAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_type(layer_idx) == "sliding_attention" else None
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
@@ -76,7 +77,8 @@ class ByteAttention(nn.Module):
         # A module built outside a model has no implementation set: SDPA, the model's default.
         implementation = self.config._attn_implementation or "sdpa"
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        output, _ = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        output, _ = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
+                              sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(output.reshape(batch, q_len, -1).contiguous())
 
     def dynamic_rope_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .attention import ByteAttention
@@ -97,6 +97,7 @@ class ByteBaseModel(BytePreTrainedModel):
         )
         self.norm = ByteRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ByteDynamicRoPE(config)
+        self.layer_types = [config.layer_type(index) for index in range(config.num_hidden_layers)]
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -147,14 +148,18 @@ class ByteBaseModel(BytePreTrainedModel):
                 padding = (past_length + query_length - 1) - position_ids[:, -1:]
                 key_positions = (torch.arange(kv_length, device=position_ids.device)[None] - padding).clamp(min=0)
             dynamic_rope = DynamicRoPEInputs.build(self.rotary_emb, inputs_embeds, position_ids, key_positions)
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  cache=past_key_values, position_ids=position_ids)
+        mask_inputs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           cache=past_key_values, position_ids=position_ids)
+        masks = {kind: make_mask(**mask_inputs) for kind, make_mask in (
+            ("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask))
+            if kind in self.layer_types}
 
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask, cache=past_key_values,
-                                  dynamic_rope=dynamic_rope, position_ids=position_ids, **kwargs)
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=masks[layer_type],
+                                  cache=past_key_values, dynamic_rope=dynamic_rope, position_ids=position_ids,
+                                  **kwargs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)

@@ -755,3 +755,60 @@ def test_dynamic_rope_refuses_continuous_batching():
     byte, _ = make_pair(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="continuous batching needs a model without dynamic NTK RoPE"):
         continuous_batching_tokens(byte, [[5, 6, 7]])
+
+
+# ---------------------------------------------------------------------------------------- sliding-window attention
+def test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full_forward():
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(0)
+    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=5))).eval()
+    mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
+    mistral.load_state_dict(byte.state_dict(), strict=True)
+    ids = random_ids(2, 20, seed=6)
+    full = byte(ids).logits
+    torch.testing.assert_close(full, mistral(ids).logits, atol=ATOL, rtol=0)
+    # The window matters: the same model attending to everything gives other logits past it.
+    unbounded = ByteModel(tiny_config(pad_token_id=0)).eval()
+    unbounded.load_state_dict(byte.state_dict())
+    assert (unbounded(ids).logits[:, 5:] - full[:, 5:]).abs().max() > 1e-3
+    torch.testing.assert_close(unbounded(ids).logits[:, :5], full[:, :5], atol=ATOL, rtol=0)
+
+    cache = DynamicCache(config=byte.config)
+    steps = [byte(ids[:, :3], cache=cache, use_cache=True).logits]
+    steps += [byte(ids[:, index:index + 1], cache=cache, use_cache=True).logits for index in range(3, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+    # A sliding layer keeps the window's earlier tokens only, however long the sequence.
+    assert all(layer.keys.shape[2] == 4 for layer in cache.layers)
+
+
+@pytest.mark.slow
+def test_sliding_window_generate_equals_mistral_and_a_full_layer_keeps_everything():
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(0)
+    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=4))).eval()
+    mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
+    mistral.load_state_dict(byte.state_dict(), strict=True)
+    prompt = random_ids(1, 6, seed=7)
+    tokens = byte.generate(prompt, **{**GEN, "max_new_tokens": 40}, return_dict_in_generate=True)
+    assert torch.equal(tokens.sequences, mistral.generate(prompt, **{**GEN, "max_new_tokens": 40}))
+    assert [layer.keys.shape[2] for layer in getattr(tokens, CACHE_FIELD).layers] == [3, 3]
+
+    hybrid = ByteModel(tiny_config(pad_token_id=0, sliding_window=4, layer_types=["sliding_attention",
+                                                                                  "full_attention"])).eval()
+    cache = getattr(hybrid.generate(prompt, **{**GEN, "max_new_tokens": 40}, return_dict_in_generate=True),
+                    CACHE_FIELD)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [3, 6 + 40 - 1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sliding_window": 0}, "sliding_window must be null or a positive integer"),
+    ({"layer_types": ["full_attention"]}, "layer_types must list"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding_window is null"),
+    ({"sliding_window": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "sliding_window with dynamic RoPE is not supported"),
+])
+def test_sliding_window_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
