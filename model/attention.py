@@ -30,7 +30,7 @@ class ByteAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.is_causal = True
-        self.sliding_window = config.sliding_window if config.layer_type(layer_idx) == "sliding_attention" else None
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads

@@ -49,8 +49,8 @@ class ByteModelConfig(PretrainedConfig):
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     # Sliding-window attention as Mistral defines it: a token sees itself and the sliding_window - 1 tokens before it.
-    # layer_types names each layer "sliding_attention" or "full_attention" (transformers' names); None: every layer
-    # slides when a window is set. The KV cache of a sliding layer holds the window only.
+    # layer_types names each layer "sliding_attention" or "full_attention" (transformers' names; None: every layer
+    # slides when a window is set, else none). The KV cache of a sliding layer holds the window only.
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     # Features Llama lacks; all off by default so a dense model stays a valid Llama checkpoint.
@@ -84,6 +84,10 @@ class ByteModelConfig(PretrainedConfig):
             self.intermediate_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.layer_types is None and isinstance(self.num_hidden_layers, int):
+            # Spelled out, as transformers' configs do: its masks and caches read one type per layer.
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
@@ -101,11 +105,6 @@ class ByteModelConfig(PretrainedConfig):
 
         fields = EXPORTED_FIELDS + ("intermediate_size", "sliding_window")
         return MistralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope())
-
-    def layer_type(self, layer_idx: int) -> str:
-        if self.layer_types is not None:
-            return self.layer_types[layer_idx]
-        return "sliding_attention" if self.sliding_window is not None else "full_attention"
 
     def to_mixtral_config(self):
         """The transformers `MixtralConfig` of the same MoE architecture: every layer MoE, softmax router with

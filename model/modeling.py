@@ -24,7 +24,8 @@ from .rope import ByteDynamicRoPE, DynamicRoPEInputs
 
 def check_attention_mask(attention_mask: torch.Tensor | None, past_length: int, query_length: int) -> None:
     """A 2D mask must cover the cached tokens and the input: a shorter one would silently drop positions."""
-    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] < past_length + query_length:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 \
+            and attention_mask.shape[-1] < past_length + query_length:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and input "
                          f"hold {past_length + query_length}: pass the mask of the whole sequence")
 
@@ -97,7 +98,6 @@ class ByteBaseModel(BytePreTrainedModel):
         )
         self.norm = ByteRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ByteDynamicRoPE(config)
-        self.layer_types = [config.layer_type(index) for index in range(config.num_hidden_layers)]
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -130,7 +130,7 @@ class ByteBaseModel(BytePreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None and not paged else 0
         check_attention_mask(attention_mask, past_length, query_length)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding shifts where each row starts: count real tokens, as `generate` does.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 position_ids = position_ids[:, past_length:past_length + query_length]
@@ -150,13 +150,15 @@ class ByteBaseModel(BytePreTrainedModel):
             dynamic_rope = DynamicRoPEInputs.build(self.rotary_emb, inputs_embeds, position_ids, key_positions)
         mask_inputs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=past_key_values, position_ids=position_ids)
-        masks = {kind: make_mask(**mask_inputs) for kind, make_mask in (
-            ("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask))
-            if kind in self.layer_types}
+        # generate prepares masks per layer type for a static cache; otherwise they are made here.
+        masks = attention_mask if isinstance(attention_mask, dict) else {
+            kind: make_mask(**mask_inputs) for kind, make_mask in (
+                ("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask))
+            if kind in self.config.layer_types}
 
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer, layer_type in zip(self.layers, self.layer_types):
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
             hidden_states = layer(hidden_states, position_embeddings, attention_mask=masks[layer_type],
                                   cache=past_key_values, dynamic_rope=dynamic_rope, position_ids=position_ids,
                                   **kwargs)
