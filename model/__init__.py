@@ -12,7 +12,7 @@ from .config import ByteModelConfig
 from .decoder_layer import ByteDecoderLayer, ByteDropPath, ByteLayerScale
 from .mlp import ByteMLP
 from .modeling import (ByteBaseModel, ByteModel, ByteMoeCausalLMOutputWithPast, BytePreTrainedModel,
-                       build_attention_mask, count_targets)
+                       check_attention_mask, count_targets)
 from .moe import (ByteExperts, ByteMoELayer, ByteRouter, RouterStats, grouped_linear, mixtral_state_dict,
                   moe_layers, update_expert_bias)
 from .norm import ByteRMSNorm
@@ -29,6 +29,6 @@ __all__ = [
     "CACHE_FIELD", "ByteAttention", "ByteBaseModel", "ByteDecoderLayer", "ByteDropPath", "ByteDynamicRoPE",
     "ByteExperts", "ByteLayerScale", "ByteMLP", "ByteModel", "ByteModelConfig", "ByteMoELayer",
     "ByteMoeCausalLMOutputWithPast", "BytePreTrainedModel", "ByteRMSNorm", "ByteRouter", "RouterStats",
-    "apply_rotary_pos_emb", "build_attention_mask", "count_targets", "enable_activation_checkpointing", "grouped_linear",
+    "apply_rotary_pos_emb", "check_attention_mask", "count_targets", "enable_activation_checkpointing", "grouped_linear",
     "mixtral_state_dict", "moe_layers", "repeat_kv", "rotate_half", "update_expert_bias",
 ]

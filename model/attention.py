@@ -1,9 +1,12 @@
-"""Grouped-query self-attention on PyTorch's fused scaled_dot_product_attention."""
+"""Grouped-query self-attention through transformers' attention interface (sdpa by default, eager, or any function
+registered with `AttentionInterface`), so kernels, paged caches and continuous batching plug in as for Llama."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .config import ByteModelConfig
 from .rope import DynamicRoPEInputs, apply_rotary_pos_emb, rotate
@@ -19,12 +22,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class ByteAttention(nn.Module):
-    """Causal GQA attention. The KV cache is any transformers `Cache` (DynamicCache, StaticCache, ...), so
-    `generate` drives it like any Hugging Face model."""
+    """Causal GQA attention. The KV cache is any transformers cache (DynamicCache, StaticCache, the paged cache of
+    continuous batching), and the attention function is the one `config._attn_implementation` names."""
 
     def __init__(self, config: ByteModelConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
+        self.is_causal = True
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
@@ -42,12 +48,14 @@ class ByteAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         dynamic_rope: DynamicRoPEInputs | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """`attention_mask` is None for plain causal attention, else a (batch, 1, q_len, kv_len) mask that already
-        contains causality and padding (bool: True = attend, or additive float). `dynamic_rope` (Dynamic NTK RoPE)
-        keeps keys un-rotated in the cache and rotates them for each query (see `ByteDynamicRoPE`)."""
+        """`attention_mask` comes from transformers' masking utilities for the attention function in use (None for
+        plain causal attention). `kwargs` reach the cache update and the attention function (a paged cache fills
+        them in for its kernel). `dynamic_rope` (Dynamic NTK RoPE) keeps keys un-rotated in the cache and rotates
+        them for each query with SDPA (see `ByteDynamicRoPE`)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -56,35 +64,22 @@ class ByteAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         if dynamic_rope is None:
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         else:
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, self.layer_idx)  # un-rotated
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)  # un-rotated
             if dynamic_rope.first_long < q_len:
                 output = self.dynamic_rope_attention(query, key, value, cos, sin, attention_mask, dynamic_rope,
                                                      dropout)
                 return self.o_proj(output.transpose(1, 2).reshape(batch, q_len, -1))
             query, key = rotate(query, cos, sin), rotate(key, *dynamic_rope.key_embeddings)
-
-        if q_len == 1 and self.num_key_value_groups > 1:
-            # Decoding one token: fold the query heads of each kv group into the query axis, so every kv head is
-            # read once instead of being repeated (a padding mask is the same for every query row).
-            query = query.reshape(batch, self.num_key_value_heads, self.num_key_value_groups, self.head_dim)
-            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                    scale=self.scaling)
-            output = output.reshape(batch, self.num_heads, 1, self.head_dim)
-        elif attention_mask is None:
-            # No mask lets SDPA use its fused causal kernel; enable_gqa avoids materialising repeated kv heads.
-            output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=q_len > 1,
-                                                    scale=self.scaling, enable_gqa=True)
-        else:
-            key = repeat_kv(key, self.num_key_value_groups)
-            value = repeat_kv(value, self.num_key_value_groups)
-            output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                    scale=self.scaling)
-        output = output.transpose(1, 2).reshape(batch, q_len, -1)
-        return self.o_proj(output)
+        # A module built outside a model has no implementation set: SDPA, the model's default.
+        implementation = self.config._attn_implementation or "sdpa"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
+                              sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(output.reshape(batch, q_len, -1).contiguous())
 
     def dynamic_rope_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
                                sin: torch.Tensor, attention_mask: torch.Tensor | None, dynamic: DynamicRoPEInputs,

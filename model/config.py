@@ -48,6 +48,11 @@ class ByteModelConfig(PretrainedConfig):
     attention_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
+    # Sliding-window attention as Mistral defines it: a token sees itself and the sliding_window - 1 tokens before it.
+    # layer_types names each layer "sliding_attention" or "full_attention" (transformers' names; None: every layer
+    # slides when a window is set, else none). The KV cache of a sliding layer holds the window only.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     # Features Llama lacks; all off by default so a dense model stays a valid Llama checkpoint.
     parallel_residual: bool = False
     layer_scale_init: float | None = None
@@ -79,6 +84,10 @@ class ByteModelConfig(PretrainedConfig):
             self.intermediate_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.layer_types is None and isinstance(self.num_hidden_layers, int):
+            # Spelled out, as transformers' configs do: its masks and caches read one type per layer.
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
         super().__post_init__(**kwargs)
         self.validate_architecture()
 
@@ -90,6 +99,13 @@ class ByteModelConfig(PretrainedConfig):
         fields = EXPORTED_FIELDS + ("intermediate_size", "attention_bias", "mlp_bias")
         return LlamaConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope())
 
+    def to_mistral_config(self):
+        """The transformers `MistralConfig` of the same dense sliding-window architecture (every layer sliding)."""
+        from transformers import MistralConfig
+
+        fields = EXPORTED_FIELDS + ("intermediate_size", "sliding_window")
+        return MistralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope())
+
     def to_mixtral_config(self):
         """The transformers `MixtralConfig` of the same MoE architecture: every layer MoE, softmax router with
         renormalised top-k, no shared experts (callers that export must refuse anything else)."""
@@ -98,7 +114,7 @@ class ByteModelConfig(PretrainedConfig):
         fields = EXPORTED_FIELDS + ("num_experts_per_tok", "router_aux_loss_coef")
         return MixtralConfig(**{name: getattr(self, name) for name in fields}, rope_parameters=self.exported_rope(),
                              intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
-                             sliding_window=None)
+                             sliding_window=self.sliding_window)
 
     @classmethod
     def from_llama_family(cls, config: PretrainedConfig) -> "ByteModelConfig":
@@ -174,6 +190,7 @@ class ByteModelConfig(PretrainedConfig):
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         self.validate_moe()
+        self.validate_sliding_window()
         rope = self.rope_parameters or {}
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
@@ -182,6 +199,22 @@ class ByteModelConfig(PretrainedConfig):
             raise ValueError(f"rope_parameters.rope_theta must be positive, got {rope.get('rope_theta')!r}")
         if rope_type == "dynamic" and not (isinstance(rope.get("factor"), (int, float)) and rope["factor"] >= 1.0):
             raise ValueError(f"rope_parameters.factor must be a number >= 1 for dynamic RoPE, got {rope.get('factor')!r}")
+
+    def validate_sliding_window(self) -> None:
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"sliding_window must be null or a positive integer, got {window!r}")
+        if self.layer_types is not None:
+            kinds = ("sliding_attention", "full_attention")
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers \
+                    or any(kind not in kinds for kind in self.layer_types):
+                raise ValueError(f"layer_types must list {' or '.join(kinds)} for each of the {self.num_hidden_layers} "
+                                 f"layers, got {self.layer_types!r}")
+            if window is None and "sliding_attention" in self.layer_types:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is null")
+        if window is not None and (self.rope_parameters or {}).get("rope_type") == "dynamic":
+            raise ValueError("sliding_window with dynamic RoPE is not supported (dynamic RoPE caches keys "
+                             "un-rotated for every position, a sliding cache drops them)")
 
     def validate_moe(self) -> None:
         if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:

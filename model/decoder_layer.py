@@ -68,11 +68,12 @@ class ByteDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         dynamic_rope: DynamicRoPEInputs | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                                  past_key_values, dynamic_rope)
+        attn_out = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache,
+                                  dynamic_rope, **kwargs)
         attn_out = self.drop_path(self.attn_layer_scale(attn_out))
         if self.parallel_residual:
             mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from .attention import ByteAttention
@@ -21,32 +22,12 @@ from .norm import ByteRMSNorm
 from .rope import ByteDynamicRoPE, DynamicRoPEInputs
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
-                         kv_length: int) -> torch.Tensor | None:
-    """Combine causality and a 2D padding mask (1 = token, 0 = padding) into the (batch, 1, q, kv) bool mask SDPA
-    takes, or return None when plain causal attention is exact, which lets SDPA pick its fastest kernel.
-
-    A 4D mask (as `generate` prepares for a StaticCache) is passed through unchanged.
-    """
-    if attention_mask is not None and attention_mask.ndim == 4:
-        return attention_mask
-    if attention_mask is not None and attention_mask.shape[-1] < past_length + query_length:
+def check_attention_mask(attention_mask: torch.Tensor | None, past_length: int, query_length: int) -> None:
+    """A 2D mask must cover the cached tokens and the input: a shorter one would silently drop positions."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 \
+            and attention_mask.shape[-1] < past_length + query_length:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache and input "
                          f"hold {past_length + query_length}: pass the mask of the whole sequence")
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and kv_length == past_length + query_length and (past_length == 0 or query_length == 1):
-        return None
-    device = attention_mask.device if attention_mask is not None else None
-    query_positions = torch.arange(past_length, past_length + query_length, device=device)[:, None]
-    key_positions = torch.arange(kv_length, device=device)[None, :]
-    mask = (key_positions <= query_positions)[None, None]
-    if has_padding:
-        # A StaticCache is longer than the sequence; its unwritten slots are excluded by causality already.
-        padding = F.pad(attention_mask.bool(), (0, max(0, kv_length - attention_mask.shape[-1])))[:, :kv_length]
-        mask = mask & padding[:, None, None, :]
-        # A query that is itself padding (left padding) would attend to nothing, and SDPA would return NaN for it.
-        mask = mask | (key_positions == query_positions)[None, None]
-    return mask
 
 
 def count_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,6 +53,14 @@ class BytePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ByteDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, with `AutoModel` named in the folder's auto_map beside the saved class: serving engines
+        that run a custom model through transformers (vLLM's and SGLang's Transformers backends) load its base model
+        with AutoModel."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": "modeling.ByteBaseModel"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -136,12 +125,12 @@ class ByteBaseModel(BytePreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
 
         query_length = inputs_embeds.shape[1]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        kv_length = (past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None
-                     else query_length)
-        mask = build_attention_mask(attention_mask, query_length, past_length, kv_length)
+        # A paged cache (continuous batching) passes positions and masks of its own and has no sequence length.
+        paged = past_key_values is not None and not isinstance(past_key_values, Cache)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None and not paged else 0
+        check_attention_mask(attention_mask, past_length, query_length)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Left padding shifts where each row starts: count real tokens, as `generate` does.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 position_ids = position_ids[:, past_length:past_length + query_length]
@@ -153,17 +142,26 @@ class ByteBaseModel(BytePreTrainedModel):
         if self.rotary_emb.rope_type == "dynamic":
             key_positions = position_ids
             if past_key_values is not None:
+                kv_length = past_key_values.get_mask_sizes(query_length, 0)[0]
                 # Cached keys sit at cache index i; a row's left padding shifts its positions by the gap between the
                 # last token's index and its position.
                 padding = (past_length + query_length - 1) - position_ids[:, -1:]
                 key_positions = (torch.arange(kv_length, device=position_ids.device)[None] - padding).clamp(min=0)
             dynamic_rope = DynamicRoPEInputs.build(self.rotary_emb, inputs_embeds, position_ids, key_positions)
+        mask_inputs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           cache=past_key_values, position_ids=position_ids)
+        # generate prepares masks per layer type for a static cache; otherwise they are made here.
+        masks = attention_mask if isinstance(attention_mask, dict) else {
+            kind: make_mask(**mask_inputs) for kind, make_mask in (
+                ("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask))
+            if kind in self.config.layer_types}
 
         hidden_states = inputs_embeds
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask,
-                                  past_key_values=past_key_values, dynamic_rope=dynamic_rope)
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=masks[layer_type],
+                                  cache=past_key_values, dynamic_rope=dynamic_rope, position_ids=position_ids,
+                                  **kwargs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.norm(hidden_states)
@@ -196,7 +194,7 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         shift_labels: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
@@ -211,9 +209,11 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
         name for `past_key_values`."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, output_hidden_states=output_hidden_states)
+                             use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs)
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep (continuous batching's last tokens)
+            hidden_states = hidden_states[:, logits_to_keep]
+        elif logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
 
@@ -254,6 +254,14 @@ class ByteModel(BytePreTrainedModel, GenerationMixin):
             cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
             return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, DynamicCache)
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (`generate_batch` too). Its paged cache holds rotated keys, which dynamic
+        NTK RoPE cannot use (it keeps keys un-rotated and rotates them for each length)."""
+        if self.model.rotary_emb.rope_type == "dynamic":
+            raise ValueError("continuous batching needs a model without dynamic NTK RoPE (its keys are cached "
+                             "un-rotated, a paged cache holds rotated ones): use generate")
+        return super().init_continuous_batching(*args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         """Every way of switching checkpointing on (`activation_checkpointing_enable`, the older

@@ -43,7 +43,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
 
 class ByteExperts(nn.Module):
-    """`num_experts` SwiGLU MLPs with their weights stacked, applied to token rows already sorted by expert."""
+    """`num_experts` SwiGLU MLPs with their weights stacked. Called as Mixtral's experts are (and as vLLM's
+    Transformers backend calls them): each token's top-k experts and weights in, the weighted sum of those experts'
+    outputs out. The (token, slot) pairs are sorted by expert and each expert's rows go through one grouped matmul.
+    With `capacity`, an expert takes at most that many slots, first come first served in token order; the dropped
+    slots add nothing."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -51,9 +55,25 @@ class ByteExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, sorted_states: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        gate, up = grouped_linear(sorted_states, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                capacity: int | None = None) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        slot_experts = top_k_index.reshape(-1)  # slot s = token s // k, its (s % k)-th choice
+        sorted_experts, slots = torch.sort(slot_experts, stable=True)
+        counts = torch.bincount(slot_experts, minlength=self.num_experts)
+        if capacity is not None:
+            # Rank of each slot within its expert's group; a stable sort keeps token order inside the group.
+            group_start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(slots.shape[0], device=slots.device) - group_start[sorted_experts]
+            slots = slots[rank < capacity]
+            counts = counts.clamp(max=capacity)
+        offsets = torch.cumsum(counts, 0)
+        gate, up = grouped_linear(hidden_states[slots // top_k], self.gate_up_proj, offsets).chunk(2, dim=-1)
+        out = grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
+        out = out * top_k_weights.reshape(-1)[slots, None].to(out.dtype)
+        # Back to (token, slot) order; dropped slots stay zero. Summing over slots is deterministic, unlike index_add_.
+        combined = out.new_zeros(num_tokens * top_k, hidden_states.shape[-1]).index_copy(0, slots, out)
+        return combined.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class ByteRouter(nn.Module):
@@ -99,10 +119,9 @@ class RouterStats:
 class ByteMoELayer(nn.Module):
     """Drop-in replacement for `ByteMLP`: routed SwiGLU experts plus optional shared experts that see every token.
 
-    Dispatch: the (token, slot) pairs are sorted by expert, each expert's rows go through one grouped matmul, and the
-    outputs are put back in token order and mixed with the routing weights. With `moe_capacity_factor` set, an
-    expert takes at most ceil(factor * tokens * k / experts) token-slots per forward while training, first come first
-    served in token order, and the rest are dropped (those slots add nothing; the residual carries the token on).
+    The router picks each token's experts and weights, `ByteExperts` runs and mixes them. With `moe_capacity_factor`
+    set, an expert takes at most ceil(factor * tokens * k / experts) token-slots per forward while training, first
+    come first served in token order, and the rest are dropped (the residual carries the token on).
     Evaluation and generation are always dropless, so a token's output never depends on the rest of the batch.
     """
 
@@ -127,30 +146,15 @@ class ByteMoELayer(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         num_tokens = x.shape[0]
         logits, scores, weights, indices = self.gate(x)
-
-        slot_experts = indices.reshape(-1)  # slot s = token s // k, its (s % k)-th choice
-        sorted_experts, slots = torch.sort(slot_experts, stable=True)
-        counts = torch.bincount(slot_experts, minlength=self.num_experts)
-        kept_counts, dropped = counts, counts.new_zeros(())
         capacity = self.capacity(num_tokens)
-        if capacity is not None:
-            # Rank of each slot within its expert's group; a stable sort keeps token order inside the group.
-            group_start = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(slots.shape[0], device=x.device) - group_start[sorted_experts]
-            keep = rank < capacity
-            slots = slots[keep]
-            kept_counts = counts.clamp(max=capacity)
-            dropped = counts.sum() - kept_counts.sum()
-        expert_out = self.experts(x[slots // self.top_k], torch.cumsum(kept_counts, 0))
-        expert_out = expert_out * weights.reshape(-1)[slots, None].to(expert_out.dtype)
-        # Back to (token, slot) order; dropped slots stay zero. Summing over slots is deterministic, unlike index_add_.
-        combined = expert_out.new_zeros(num_tokens * self.top_k, shape[-1]).index_copy(0, slots, expert_out)
-        output = combined.view(num_tokens, self.top_k, -1).sum(dim=1)
+        output = self.experts(x, indices, weights, capacity)
         if self.shared_experts is not None:
             output = output + self.shared_experts(x)
 
         self.router_stats = None
         if self.training or torch.is_grad_enabled():  # not while generating: a dozen small ops per layer and token
+            counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            dropped = (counts - capacity).clamp(min=0).sum() if capacity is not None else counts.new_zeros(())
             self.router_stats = RouterStats(aux_loss=self.load_balancing_loss(scores, counts),
                                             z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
                                             expert_counts=counts.detach(), dropped=dropped.detach())

@@ -44,8 +44,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 
 from model import ByteModel, ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
+from utils.config import check_attn_implementation  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
+from utils.errors import exit_on_input_error  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
@@ -180,19 +182,20 @@ def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
 
 
 def reference_for(byte: ByteModel) -> torch.nn.Module:
-    """transformers' Llama (dense) or Mixtral (MoE) holding `byte`'s weights."""
-    config = byte.config
+    """transformers' Llama (dense) or Mixtral (MoE) holding `byte`'s weights, with the same attention function."""
+    config, implementation = byte.config, byte.config._attn_implementation
     if config.num_experts:
-        reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
+        reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation=implementation)
     else:
-        reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation="sdpa")
+        reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation=implementation)
     # Llama and Mixtral names are ByteModel's; only an MoE model has routing biases (zero here) to leave out.
     reference.load_state_dict(mixtral_state_dict(byte.state_dict()), strict=True)
     return reference.eval()
 
 
-def build(kind: str, seed: int = 0) -> tuple[ByteModel, torch.nn.Module, ByteModelConfig]:
-    config = ByteModelConfig(**(DENSE if kind == "dense" else MOE), max_position_embeddings=2048)
+def build(kind: str, attn_implementation: str, seed: int = 0) -> tuple[ByteModel, torch.nn.Module, ByteModelConfig]:
+    config = ByteModelConfig(**(DENSE if kind == "dense" else MOE), max_position_embeddings=2048,
+                             attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     byte = ByteModel(config)
     return byte, reference_for(byte), config
@@ -211,7 +214,7 @@ def run(args) -> dict:
     generator = torch.Generator().manual_seed(1)
     for kind in args.models:
         torch._dynamo.reset()
-        byte, reference, config = build(kind)
+        byte, reference, config = build(kind, args.attn_implementation)
         reference_name = "Llama" if kind == "dense" else "Mixtral"
         parameters = sum(p.numel() for p in byte.parameters())
         print(f"\n{kind}: {parameters / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.num_hidden_layers} "
@@ -330,12 +333,13 @@ def inference_models(args) -> list[tuple[str, ByteModel, object]]:
     models = []
     for name in args.inference_models:
         if name == "dense":
-            byte, _, _ = build("dense")
+            byte, _, _ = build("dense", args.attn_implementation)
             models.append((name, byte.eval(), AutoTokenizer.from_pretrained(args.tokenizer)))
         elif not Path(name).is_dir():
             print(f"\n{name}: not found, skipped (train the demo to measure it)")
         else:
-            models.append((name, load_model_folder(Path(name)), AutoTokenizer.from_pretrained(name)))
+            models.append((name, load_model_folder(Path(name), attn_implementation=args.attn_implementation),
+                           AutoTokenizer.from_pretrained(name)))
     return models
 
 
@@ -604,6 +608,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--grpo-prompts", type=int, default=8, help="prompts per GRPO step")
     parser.add_argument("--grpo-generations", type=int, default=8, help="completions per prompt")
     parser.add_argument("--grpo-tokens", type=int, default=32, help="tokens per completion")
+    parser.add_argument("--attn-implementation", default="sdpa",
+                        help="the attention function of ByteModel and of the Llama/Mixtral it is measured against")
     parser.add_argument("--out", default="model_info")
     parser.add_argument("--quick", action="store_true",
                         help="a check rather than the full measurement: fp32 only, no compiled variants, generation "
@@ -612,6 +618,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    check_attn_implementation(args.attn_implementation, "--attn-implementation")
     quiet_transformers()
     result = run(args)
     out = Path(args.out)
@@ -625,4 +632,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main)()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
 from utils.checkpoint import load_model_folder
-from utils.config import read_yaml
+from utils.config import check_attn_implementation, read_yaml
 from utils.errors import InputError, error_summary, exit_on_input_error
 from utils.logger import quiet_transformers
 from utils.quantize import QUANTIZE_CHOICES, quantize
@@ -58,12 +58,15 @@ def quantized(language_model, mode: str, path: Path):
         raise InputError(f"{path}: {error}") from None
 
 
-def load(folder: str, quantize_mode: str = "none"):
-    """A model folder for inference, its weights quantized as `quantize_mode` says, and its tokenizer."""
+def load(folder: str, quantize_mode: str = "none", attn_implementation: str = "sdpa"):
+    """A model folder for inference, its weights quantized as `quantize_mode` says, its attention function as
+    `attn_implementation` says, and its tokenizer."""
     path = Path(folder)
     if not path.is_dir():
         raise InputError(f"model folder not found: {path}")
-    language_model = quantized(load_model_folder(path, AutoModelForCausalLM), quantize_mode, path)
+    check_attn_implementation(attn_implementation, "--attn-implementation")
+    language_model = quantized(load_model_folder(path, AutoModelForCausalLM, attn_implementation), quantize_mode,
+                               path)
     tokenizer = load_tokenizer(path)
     if not tokenizer.chat_template:
         raise InputError(f"{path}: the tokenizer has no chat template")
@@ -107,10 +110,14 @@ def reply(language_model, tokenizer, messages: list[dict], config: GenerationCon
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
-    """--quantize and (unless `draft` is False) --draft, as the scripts that generate with a model take them."""
+    """--quantize, --attn-implementation and (unless `draft` is False) --draft, as the scripts that generate with a
+    model take them."""
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                         help="int8: per-channel int8 weights on fbgemm (faster on a CPU); int4: grouped 4-bit weights "
                              "(smallest, slower); see utils/quantize.py")
+    parser.add_argument("--attn-implementation", default="sdpa",
+                        help="the attention function: sdpa, eager, or one registered with transformers' "
+                             "AttentionInterface (the same choice as model.attn_implementation in training)")
     if draft:
         parser.add_argument("--draft", help="speculative decoding: a smaller model folder sharing the tokenizer (e.g. "
                                             "out/pretrain_draft/final), or int8 / int4 for a quantized copy of "
@@ -144,7 +151,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet_transformers()
-    language_model, tokenizer = load(args.model, args.quantize)
+    language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation)
     draft = load_draft(args.draft, args.model, tokenizer)
     config = generation_config(args, tokenizer)
     if args.seed is not None:

@@ -1,11 +1,12 @@
-"""Export a saved ByteModel as a plain transformers Llama (dense) or Mixtral (MoE) folder:
-`python scripts/export_hf.py --model DIR --out DIR [--dtype fp32|bf16|fp16] [--force]`.
+"""Export a saved ByteModel as a plain transformers Llama (dense), Mistral (dense with a sliding window) or Mixtral
+(MoE) folder: `python scripts/export_hf.py --model DIR --out DIR [--dtype fp32|bf16|fp16] [--force]`.
 
-The result (config.json with model_type "llama" or "mixtral", model.safetensors, generation_config.json and the
-tokenizer when the source has them) loads with `AutoModelForCausalLM` without this project and gives the same logits.
-Features the target cannot express (parallel residual, LayerScale; for MoE: shared experts, sigmoid routing, top-k
-weights that are not renormalised, dense layers between MoE layers, a non-zero routing bias; any parameter the target
-lacks) are refused before anything is written; the folder is written beside --out and renamed into place.
+The result (config.json with model_type "llama", "mistral" or "mixtral", model.safetensors, generation_config.json
+and the tokenizer when the source has them) loads with `AutoModelForCausalLM` without this project and gives the same
+logits. Features the target cannot express (parallel residual, LayerScale, layers mixing sliding and full attention;
+for MoE: shared experts, sigmoid routing, top-k weights that are not renormalised, dense layers between MoE layers, a
+non-zero routing bias; any parameter the target lacks) are refused before anything is written; the folder is written
+beside --out and renamed into place.
 """
 
 import sys
@@ -19,8 +20,8 @@ import argparse  # noqa: E402
 import shutil  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, MixtralForCausalLM,  # noqa: E402
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, MistralForCausalLM,  # noqa: E402
+                          MixtralForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from model import ByteModelConfig, mixtral_state_dict  # noqa: E402
 from utils.checkpoint import load_model_folder  # noqa: E402
@@ -33,8 +34,12 @@ SHOWN_KEYS = 3  # parameter names quoted in an error message
 
 
 def check_expressible(config: ByteModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse the configured features that LlamaForCausalLM (dense) or MixtralForCausalLM (MoE) cannot compute."""
-    target = "Mixtral" if config.num_experts else "Llama"
+    """Refuse the configured features that LlamaForCausalLM (dense), MistralForCausalLM (dense with a sliding window)
+    or MixtralForCausalLM (MoE) cannot compute."""
+    target = "Mixtral" if config.num_experts else "Mistral" if config.sliding_window is not None else "Llama"
+    if config.layer_types is not None and len(set(config.layer_types)) > 1:
+        raise InputError(f"layer_types mixing sliding and full attention cannot be exported: every {target} layer "
+                         f"attends the same way")
     if config.parallel_residual:
         raise InputError(f"parallel_residual=True cannot be exported: {target}'s decoder layer is sequential "
                          f"(attention, then MLP)")
@@ -61,16 +66,19 @@ def check_expressible(config: ByteModelConfig, state_dict: dict[str, torch.Tenso
 
 
 def target_config_from(config: ByteModelConfig, dtype: torch.dtype) -> PretrainedConfig:
-    target = config.to_mixtral_config() if config.num_experts else config.to_llama_config()
+    if config.num_experts:
+        target = config.to_mixtral_config()
+    else:
+        target = config.to_mistral_config() if config.sliding_window is not None else config.to_llama_config()
     target.dtype = dtype
     return target
 
 
 def build_target(state_dict: dict[str, torch.Tensor], target_config: PretrainedConfig) -> PreTrainedModel:
-    """LlamaForCausalLM or MixtralForCausalLM holding `state_dict`, built on the meta device (no second copy of the
-    weights, no init time); refuses names or shapes that differ from the target's."""
-    model_class, target = ((MixtralForCausalLM, "Mixtral") if target_config.model_type == "mixtral"
-                           else (LlamaForCausalLM, "Llama"))
+    """LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM holding `state_dict`, built on the meta device (no
+    second copy of the weights, no init time); refuses names or shapes that differ from the target's."""
+    model_class, target = {"mixtral": (MixtralForCausalLM, "Mixtral"), "mistral": (MistralForCausalLM, "Mistral")}.get(
+        target_config.model_type, (LlamaForCausalLM, "Llama"))
     if model_class is MixtralForCausalLM:
         state_dict = mixtral_state_dict(state_dict)  # drops the routing biases, checked to be zero
     with torch.device("meta"):

@@ -692,7 +692,7 @@ def main() -> None:
     except OSError as error:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     with listener:
-        language_model, tokenizer = load(args.model, args.quantize)
+        language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         engine = Engine(language_model, tokenizer, args.max_batch_size, args.batch_window_ms / 1000)

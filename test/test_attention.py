@@ -1,4 +1,4 @@
-"""ByteAttention against transformers' LlamaAttention (eager and sdpa), and build_attention_mask."""
+"""ByteAttention against transformers' LlamaAttention (eager and sdpa), given the same masks."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from helpers import ATOL, GRAD_TOL, additive_mask, causal_bool_mask, llama_config_from, randomize_, tiny_config
-from model import ByteAttention, build_attention_mask, repeat_kv
+from model import ByteAttention, check_attention_mask, repeat_kv
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 KV_HEADS = [pytest.param(2, id="gqa"), pytest.param(1, id="mqa"), pytest.param(4, id="mha")]
@@ -15,6 +15,7 @@ KV_HEADS = [pytest.param(2, id="gqa"), pytest.param(1, id="mqa"), pytest.param(4
 def make_pair(num_key_value_heads: int, attn_implementation: str, **overrides):
     torch.manual_seed(0)
     config = tiny_config(num_key_value_heads=num_key_value_heads, **overrides)
+    config._attn_implementation = attn_implementation  # a standalone module reads it from its config
     byte = randomize_(ByteAttention(config, layer_idx=0)).eval()
     llama_config = llama_config_from(config, attn_implementation)
     llama = LlamaAttention(llama_config, layer_idx=0).eval()
@@ -26,6 +27,25 @@ def llama_forward(llama, x, position_embeddings, bool_mask, cache=None):
     """LlamaAttention with an explicit additive mask (eager attention applies no causality by itself)."""
     return llama(x, position_embeddings=position_embeddings, attention_mask=additive_mask(bool_mask),
                  past_key_values=cache)[0]
+
+
+def as_mask(impl: str, bool_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask type each attention function takes: sdpa a bool mask, eager an additive one (as the model's masking
+    utilities make them)."""
+    return bool_mask if impl == "sdpa" else additive_mask(bool_mask)
+
+
+def padded_causal_mask(attention_mask: torch.Tensor | None, query_length: int, past_length: int,
+                       kv_length: int) -> torch.Tensor:
+    """Causality and a 2D padding mask as the (batch, 1, q, kv) bool mask the model hands its attention; a padding
+    query attends to itself, so that no row is empty."""
+    query_positions = torch.arange(past_length, past_length + query_length)[:, None]
+    key_positions = torch.arange(kv_length)[None, :]
+    mask = (key_positions <= query_positions)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :kv_length]
+        mask = mask | (key_positions == query_positions)[None, None]
+    return mask
 
 
 def padded_batch(side: str, seq: int = 10):
@@ -52,8 +72,9 @@ def test_attention_bias():
     assert byte.q_proj.bias is not None and byte.o_proj.bias is not None
     x = torch.randn(2, 6, 64)
     pe = rope(x, torch.arange(6)[None].expand(2, 6))
-    torch.testing.assert_close(byte(x, pe), llama_forward(llama, x, pe, causal_bool_mask(6, batch=2)),
-                               atol=ATOL, rtol=0)
+    mask = causal_bool_mask(6, batch=2)
+    torch.testing.assert_close(byte(x, pe, as_mask("eager", mask)), llama_forward(llama, x, pe, mask), atol=ATOL,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("num_kv", KV_HEADS)
@@ -63,14 +84,15 @@ def test_causal_without_mask_matches_llama(impl, num_kv):
     torch.manual_seed(1)
     x = torch.randn(2, 12, 64, requires_grad=True)
     pe = rope(x, torch.arange(12)[None].expand(2, 12))
-    out_byte = byte(x, pe)
+    mask = None if impl == "sdpa" else as_mask(impl, causal_bool_mask(12, batch=2))  # eager: no causality itself
+    out_byte = byte(x, pe, mask)
     out_llama = llama_forward(llama, x, pe, causal_bool_mask(12, batch=2))
     torch.testing.assert_close(out_byte, out_llama, atol=ATOL, rtol=0)
     # Causality: changing the last token does not change earlier outputs.
     x2 = x.detach().clone()
     x2[:, -1] += 1.0
-    torch.testing.assert_close(byte(x2, pe)[:, :-1], out_byte[:, :-1], atol=ATOL, rtol=0)
-    assert (byte(x2, pe)[:, -1] - out_byte[:, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(byte(x2, pe, mask)[:, :-1], out_byte[:, :-1], atol=ATOL, rtol=0)
+    assert (byte(x2, pe, mask)[:, -1] - out_byte[:, -1]).abs().max() > 1e-3
     # Gradients agree too.
     upstream = torch.randn_like(out_byte)
     gb = torch.autograd.grad((out_byte * upstream).sum(), [x, *byte.parameters()])
@@ -89,9 +111,9 @@ def test_padded_batch_matches_llama(impl, num_kv, side, mask_kind):
     torch.manual_seed(2)
     x = torch.randn(3, 10, 64)
     pe = rope(x, position_ids)
-    bool_mask = build_attention_mask(mask2d, query_length=10, past_length=0, kv_length=10)
+    bool_mask = padded_causal_mask(mask2d, query_length=10, past_length=0, kv_length=10)
     assert bool_mask.dtype == torch.bool and bool_mask.shape == (3, 1, 10, 10)
-    byte_mask = bool_mask if mask_kind == "bool" else additive_mask(bool_mask)
+    byte_mask = bool_mask if mask_kind == "bool" and impl == "sdpa" else additive_mask(bool_mask)
     out_byte = byte(x, pe, attention_mask=byte_mask)
     out_llama = llama_forward(llama, x, pe, bool_mask)
     real = mask2d.bool()
@@ -101,7 +123,7 @@ def test_padded_batch_matches_llama(impl, num_kv, side, mask_kind):
     for row in range(3):
         alone = x[row:row + 1, real[row]]
         n = alone.shape[1]
-        alone_out = byte(alone, rope(alone, torch.arange(n)[None]))
+        alone_out = byte(alone, rope(alone, torch.arange(n)[None]), as_mask(impl, causal_bool_mask(n)))
         torch.testing.assert_close(out_byte[row, real[row]], alone_out[0], atol=ATOL, rtol=0)
 
 
@@ -112,7 +134,7 @@ def test_dynamic_cache_decoding_matches_full_forward(impl, num_kv):
     torch.manual_seed(3)
     seq = 12
     x = torch.randn(2, seq, 64)
-    full = byte(x, rope(x, torch.arange(seq)[None].expand(2, seq)))
+    full = byte(x, rope(x, torch.arange(seq)[None].expand(2, seq)), as_mask(impl, causal_bool_mask(seq, batch=2)))
 
     byte_cache, llama_cache = DynamicCache(), DynamicCache()
     outputs_byte, outputs_llama = [], []
@@ -120,8 +142,8 @@ def test_dynamic_cache_decoding_matches_full_forward(impl, num_kv):
     for start, end in [(0, 5), (5, 8)] + [(i, i + 1) for i in range(8, seq)]:
         chunk = x[:, start:end]
         pe = rope(chunk, torch.arange(start, end)[None].expand(2, end - start))
-        mask = build_attention_mask(None, end - start, start, end)
-        outputs_byte.append(byte(chunk, pe, attention_mask=mask, past_key_values=byte_cache))
+        mask = padded_causal_mask(None, end - start, start, end)
+        outputs_byte.append(byte(chunk, pe, attention_mask=as_mask(impl, mask), cache=byte_cache))
         outputs_llama.append(llama_forward(llama, chunk, pe, causal_bool_mask(end - start, start, batch=2),
                                            llama_cache))
         assert byte_cache.get_seq_length() == end
@@ -138,18 +160,18 @@ def test_left_padded_cache_decoding_matches_full_forward(num_kv):
     mask2d, position_ids = padded_batch("left", seq=10)
     torch.manual_seed(4)
     x = torch.randn(3, 10, 64)
-    full = byte(x, rope(x, position_ids), attention_mask=build_attention_mask(mask2d, 10, 0, 10))
+    full = byte(x, rope(x, position_ids), attention_mask=as_mask("eager", padded_causal_mask(mask2d, 10, 0, 10)))
     cache = DynamicCache()
     steps = []
     for start, end in [(0, 6)] + [(i, i + 1) for i in range(6, 10)]:
         chunk = x[:, start:end]
-        mask = build_attention_mask(mask2d[:, :end], end - start, start, end)
+        mask = padded_causal_mask(mask2d[:, :end], end - start, start, end)
         assert mask is not None and mask.shape == (3, 1, end - start, end)
-        steps.append(byte(chunk, rope(chunk, position_ids[:, start:end]), attention_mask=mask,
-                          past_key_values=cache))
+        steps.append(byte(chunk, rope(chunk, position_ids[:, start:end]), attention_mask=as_mask("eager", mask),
+                          cache=cache))
     real = mask2d.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], atol=ATOL, rtol=0)
-    llama_out = llama_forward(llama, x, rope(x, position_ids), build_attention_mask(mask2d, 10, 0, 10))
+    llama_out = llama_forward(llama, x, rope(x, position_ids), padded_causal_mask(mask2d, 10, 0, 10))
     torch.testing.assert_close(full[real], llama_out[real], atol=ATOL, rtol=0)
 
 
@@ -172,56 +194,7 @@ def test_attention_dropout_only_in_training():
     assert (a - b).abs().max() > 1e-3
 
 
-# ------------------------------------------------------------------------------------------ build_attention_mask
-def test_build_attention_mask_returns_none_when_plain_causal_is_exact():
-    assert build_attention_mask(None, 7, 0, 7) is None
-    assert build_attention_mask(torch.ones(2, 7, dtype=torch.long), 7, 0, 7) is None
-    # A single decode step with a full (padding-free) mask attends to everything in the cache.
-    assert build_attention_mask(torch.ones(2, 8, dtype=torch.long), 1, 7, 8) is None
-    assert build_attention_mask(None, 1, 7, 8) is None
-
-
-def test_build_attention_mask_causal_chunk_with_cache():
-    mask = build_attention_mask(None, query_length=2, past_length=3, kv_length=5)
-    expected = torch.tensor([[1, 1, 1, 1, 0],
-                             [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert mask.shape == (1, 1, 2, 5)
-    assert torch.equal(mask[0, 0], expected)
-
-
-def test_build_attention_mask_left_padding_exact():
-    attention_mask = torch.tensor([[0, 0, 1, 1],
-                                   [1, 1, 1, 1]])
-    mask = build_attention_mask(attention_mask, query_length=4, past_length=0, kv_length=4)
-    expected = torch.tensor([
-        [[1, 0, 0, 0],   # padding queries attend only to themselves (avoids NaN rows)
-         [0, 1, 0, 0],
-         [0, 0, 1, 0],
-         [0, 0, 1, 1]],
-        [[1, 0, 0, 0],
-         [1, 1, 0, 0],
-         [1, 1, 1, 0],
-         [1, 1, 1, 1]],
-    ], dtype=torch.bool)[:, None]
-    assert mask.dtype == torch.bool
-    assert torch.equal(mask, expected)
-
-
-def test_build_attention_mask_decode_step_with_padding_and_static_cache_length():
-    attention_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    # One query at position 3, a cache of 6 slots (e.g. a StaticCache): unwritten slots 4 and 5 are masked.
-    mask = build_attention_mask(attention_mask, query_length=1, past_length=3, kv_length=6)
-    expected = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    assert mask.shape == (2, 1, 1, 6)
-    assert torch.equal(mask[:, 0, 0], expected)
-
-
-def test_build_attention_mask_passes_4d_masks_through():
-    mask4d = torch.zeros(2, 1, 3, 5)
-    assert build_attention_mask(mask4d, 3, 2, 5) is mask4d
-
-
-def test_build_attention_mask_rejects_short_2d_mask():
-    attention_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+def test_a_mask_shorter_than_cache_and_input_is_refused():
+    check_attention_mask(torch.ones(2, 4), past_length=3, query_length=1)
     with pytest.raises(ValueError, match=r"covers 3 positions.*hold 4"):
-        build_attention_mask(attention_mask, query_length=1, past_length=3, kv_length=4)
+        check_attention_mask(torch.tensor([[0, 1, 1], [1, 1, 1]]), past_length=3, query_length=1)

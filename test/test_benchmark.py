@@ -158,9 +158,10 @@ def benchmark_arguments(folders: dict) -> list[str]:
 def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
     """benchmark.py's main with `arguments` on tiny models, each measure run once and nothing compiled: the result it
     wrote, and what it measured (the rounds of the training and the generation measures, each training measure's
-    steps, each generation's new tokens, each quality measurement's files and windows, the tokenizers it loaded)."""
+    steps, each generation's new tokens, each quality measurement's files and windows, the tokenizers it loaded, the
+    attention implementations of the models it compared)."""
     seen = {"folders": folders, "rounds": {"train": set(), "generate": set()}, "train_steps": [], "new_tokens": [],
-            "texts": [], "windows": [], "tokenizers": []}
+            "texts": [], "windows": [], "tokenizers": [], "attention": set()}
     trainer_for = benchmark.trainer_for
 
     def timed_training(model, batch, precision, steps, compiled=False):
@@ -181,7 +182,12 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
             return function(*args, **kwargs)
         return call
 
-    from_pretrained = benchmark.AutoTokenizer.from_pretrained
+    def referenced(byte):
+        reference = reference_for(byte)
+        seen["attention"].update({byte.config._attn_implementation, reference.config._attn_implementation})
+        return reference
+
+    from_pretrained, reference_for = benchmark.AutoTokenizer.from_pretrained, benchmark.reference_for
     with monkeypatch.context() as patch:
         patch.setattr(benchmark, "DENSE", TINY_DENSE)
         patch.setattr(benchmark, "MOE", TINY_MOE)
@@ -190,6 +196,7 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
         patch.setattr(benchmark, "stream_read_bandwidth", lambda: 1e10)
         patch.setattr(benchmark, "trainer_for", timed_training)
         patch.setattr(benchmark, "generator_for", recorded(benchmark.generator_for, new_tokens=2))
+        patch.setattr(benchmark, "reference_for", referenced)
         patch.setattr(benchmark, "validation_windows", recorded(benchmark.validation_windows, texts=1, windows=2))
         patch.setattr(benchmark.AutoTokenizer, "from_pretrained",
                       lambda folder, **kwargs: seen["tokenizers"].append(str(folder)) or from_pretrained(folder))
@@ -244,6 +251,8 @@ OPTIONS = {
                     lambda seen: str(seen["folders"]["draft"]) in seen["tokenizers"]),
     "--out": (["{elsewhere}"], lambda seen: seen["written"].parent.name == "elsewhere"),
     "--quick": ([], lambda seen: seen["written"].name == "benchmark_quick.md"),
+    # ByteModel and the Llama/Mixtral it is measured against.
+    "--attn-implementation": (["eager"], lambda seen: seen["attention"] == {"eager"}),
 }
 
 

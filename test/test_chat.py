@@ -130,6 +130,7 @@ OPTIONS = {
     "--seed": ("1234", lambda seen: seen["seed"] == 1234),
     "--compile": (None, lambda seen: seen["config"].cache_implementation == "static"),
     "--quantize": ("int8", lambda seen: getattr(seen["model"].config, "quantization", None) == "int8"),
+    "--attn-implementation": ("eager", lambda seen: seen["model"].config._attn_implementation == "eager"),
     "--draft": ("int4", lambda seen: getattr(getattr(seen["draft"], "config", None), "quantization", None) == "int4"),
 }
 

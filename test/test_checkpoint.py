@@ -157,7 +157,7 @@ sys.path[:] = [entry for entry in sys.path if entry not in ("", ".", root)]
 assert importlib.util.find_spec("model") is None and importlib.util.find_spec("utils") is None
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
@@ -168,8 +168,10 @@ for folder in request["folders"]:
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
         logits = loaded(torch.tensor([request["input_ids"]])).logits[0]
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)  # what serving engines load
     results[folder] = {"logits": logits.tolist(), "config_class": type(config).__name__,
-                       "model_class": type(loaded).__name__, "module": type(loaded).__module__}
+                       "model_class": type(loaded).__name__, "module": type(loaded).__module__,
+                       "base_class": type(base).__name__}
 harness = HFLM(pretrained=request["harness_folder"], trust_remote_code=True, device="cpu", dtype="float32",
                batch_size=1)
 pair = Instance(request_type="loglikelihood", doc={}, arguments=tuple(request["pair"]), idx=0)
@@ -219,7 +221,7 @@ def test_saved_folders_load_with_their_own_code_where_the_project_is_not_install
 
     for name, folder in folders.items():
         saved = json.loads((folder / "config.json").read_text())
-        assert saved["auto_map"] == {"AutoConfig": "config.ByteModelConfig",
+        assert saved["auto_map"] == {"AutoConfig": "config.ByteModelConfig", "AutoModel": "modeling.ByteBaseModel",
                                      "AutoModelForCausalLM": "modeling.ByteModel"}, name
         assert all((folder / file).is_file() for file in CODE_FILES), name
     assert (folders["lora"] / "adapter").is_dir()
@@ -237,7 +239,8 @@ def test_saved_folders_load_with_their_own_code_where_the_project_is_not_install
     with torch.no_grad():
         for name, folder in folders.items():
             result = results[str(folder)]
-            assert (result["config_class"], result["model_class"]) == ("ByteModelConfig", "ByteModel"), name
+            assert (result["config_class"], result["model_class"], result["base_class"]) == (
+                "ByteModelConfig", "ByteModel", "ByteBaseModel"), name
             assert result["module"].startswith("transformers_modules."), name
             reference = lora_logits if name == "lora" else expected[name](input_ids[None]).logits[0]
             # The same code on the same weights; another thread count (and merging the adapter) rounds differently.
@@ -263,3 +266,21 @@ def test_a_sharded_model_is_saved_as_its_own_class(tmp_path):
     assert saved["architectures"] == ["ByteModel"]
     assert sorted(path.name for path in tmp_path.glob("*.py")) == CODE_FILES
     assert type(model) is sharded_class
+
+
+def test_a_resumed_run_may_change_the_attention_implementation_only():
+    defaults = config_to_dict(TrainingConfig())
+    saved, current = config_to_dict(TrainingConfig()), config_to_dict(TrainingConfig())
+    current["model"]["attn_implementation"] = "eager"  # another kernel, the same computation
+    assert resume_mismatch(saved, current, defaults) is None
+    current["model"]["hidden_size"] = 256
+    assert resume_mismatch(saved, current, defaults) == "model.hidden_size was 512, this run has 256"
+
+
+def test_a_starting_model_loads_with_the_attention_implementation_asked_for(tmp_path):
+    from helpers import save_tiny_start
+    from utils.checkpoint import load_starting_model
+
+    folder = save_tiny_start(tmp_path / "start")
+    assert load_starting_model(str(folder)).config._attn_implementation == "sdpa"
+    assert load_starting_model(str(folder), "eager").config._attn_implementation == "eager"

@@ -40,11 +40,15 @@ PARITY_CASES = {
     "untied_dynamic": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
     # Mixtral: 4 experts, top-2, with a training-only capacity limit (noted, not refused).
     "moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, moe_capacity_factor=1.25),
+    # Mistral: a window shorter than the inputs compared.
+    "sliding": dict(sliding_window=5),
 }
-TARGET_CLASSES = {"tied_default": "LlamaForCausalLM", "untied_dynamic": "LlamaForCausalLM", "moe": "MixtralForCausalLM"}
+TARGET_CLASSES = {"tied_default": "LlamaForCausalLM", "untied_dynamic": "LlamaForCausalLM", "moe": "MixtralForCausalLM",
+                  "sliding": "MistralForCausalLM"}
 REFUSALS = {
     "parallel_residual": "parallel_residual=True cannot be exported",
     "layer_scale": "layer_scale_init=0.0001 cannot be exported",
+    "mixed_layer_types": "layer_types mixing sliding and full attention cannot be exported",
     "missing_model": "model folder not found",
     "truncated_weights": "cannot read a model from",
     "out_not_empty": "exists and is not empty; pass --force",
@@ -123,6 +127,8 @@ def prepare_sources(root: Path) -> dict[str, list[str]]:
         cases[name] = ["--model", str(root / name / "src"), "--out", str(root / name / "out")]
     build(parallel_residual=True).save_pretrained(root / "parallel_residual" / "src")
     build(layer_scale_init=1e-4).save_pretrained(root / "layer_scale" / "src")
+    build(sliding_window=5, layer_types=["sliding_attention", "full_attention"]).save_pretrained(
+        root / "mixed_layer_types" / "src")
     build().save_pretrained(root / "truncated_weights" / "src")
     weights = root / "truncated_weights" / "src" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
@@ -226,7 +232,9 @@ def test_config_is_plain_llama_or_mixtral(runs, case):
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings"):
         assert config[key] == source[key], key
-    if case == "moe":
+    if case == "sliding":
+        assert (config["model_type"], config["sliding_window"]) == ("mistral", 5)
+    elif case == "moe":
         assert config["model_type"] == "mixtral"
         assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
         assert config["intermediate_size"] == source["moe_intermediate_size"] == 48

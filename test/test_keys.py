@@ -360,6 +360,8 @@ MODEL = {
     "attention_bias": "test/test_attention.py::test_attention_bias",
     "attention_dropout": "test/test_attention.py::test_attention_dropout_only_in_training",
     "mlp_bias": "test/test_mlp.py::test_forward_and_gradients_match_llama",
+    "sliding_window": MODELING + "test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full_forward",
+    "layer_types": MODELING + "test_sliding_window_generate_equals_mistral_and_a_full_layer_keeps_everything",
     "parallel_residual": "test/test_decoder_layer.py::test_parallel_residual_hand_computed",
     "layer_scale_init": MODELING + "test_new_layer_scale_parameters_are_initialised_when_loading_a_dense_checkpoint",
     "drop_path_rate": "test/test_decoder_layer.py::test_model_drop_path_schedule_is_linear_over_depth",
@@ -381,6 +383,9 @@ MODEL_KEYS = {
     **{f"--model.{alias}": (f"{MODEL_TESTS}[{alias}]", SEED_NAMES_TEST)
        for alias in (*ByteModelConfig.attribute_map, "moe_enabled")},
     "--model.init_from": (TRAINER + "test_init_from_a_saved_model", INIT_FROM_ALONE),
+    "--model.attn_implementation": (
+        "test/test_utils_config.py::test_model_attn_implementation_reaches_the_model_and_bad_names_are_one_line",
+        MODELING + "test_a_registered_attention_function_is_called"),
 }
 
 # The keys of the one engine, whichever stage it runs.
@@ -436,7 +441,8 @@ BENCHMARK = {
     **{option: f"{BENCHMARK_TEST}[{option}]" for option in (
         "--models", "--batch-size", "--seq-len", "--train-steps", "--rounds", "--prompt-len", "--new-tokens",
         "--generate-batches", "--generate-rounds", "--no-compile", "--inference-models", "--quantize", "--draft",
-        "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out", "--quick")},
+        "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out", "--quick",
+        "--attn-implementation")},
     **{option: "test/test_benchmark.py::test_grpo_rows_time_both_trainers_on_the_same_work"
        for option in ("--grpo-steps", "--grpo-prompts", "--grpo-generations", "--grpo-tokens")},
 }
@@ -515,11 +521,11 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
     },
     "scripts/chat.py": each("test/test_chat.py::test_each_option_reaches_the_reply", (
         "--model", "--prompt", "--system", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
-        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft")),
+        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft", "--attn-implementation")),
     "scripts/serve.py": {
         **each("test/test_serve.py::test_each_option_reaches_the_server", (
             "--model", "--host", "--port", "--api-key", "--model-name", "--max-batch-size", "--batch-window-ms",
-            "--threads", "--quantize")),
+            "--threads", "--quantize", "--attn-implementation")),
         # What the engine does with them.
         "--max-batch-size": ("test/test_serve.py::test_each_option_reaches_the_server[--max-batch-size]",
                              "test/test_serve.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
@@ -598,6 +604,8 @@ MODEL_VALUES = {
     "rope_parameters": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}},
     "attention_bias": {"attention_bias": True}, "attention_dropout": {"attention_dropout": 0.1},
     "mlp_bias": {"mlp_bias": True}, "parallel_residual": {"parallel_residual": True},
+    "sliding_window": {"sliding_window": 8},
+    "layer_types": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
     "layer_scale_init": {"layer_scale_init": 0.1}, "drop_path_rate": {"drop_path_rate": 0.1},
     "num_experts": MOE, "num_experts_per_tok": {**MOE, "num_experts_per_tok": 1},
     "moe_intermediate_size": {**MOE, "moe_intermediate_size": 16},

@@ -626,3 +626,189 @@ def test_shift_labels_equal_shifted_labels(pair):
     loss = byte(window[:, :-1], shift_labels=window[:, 1:]).loss
     expected = torch.nn.functional.cross_entropy(byte(window[:, :-1]).logits[0], window[0, 1:])
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------- attention interface and continuous batching
+MOE = {"num_experts": 4, "num_experts_per_tok": 2}
+
+
+def make_reference_pair(impl: str, moe: bool):
+    """A randomised ByteModel and transformers' Llama (dense) or Mixtral (MoE) with the same weights, both built with
+    attention implementation `impl`."""
+    from transformers import MixtralForCausalLM
+
+    from model import mixtral_state_dict
+
+    torch.manual_seed(0)
+    config = tiny_config(pad_token_id=0, **(MOE if moe else {}))
+    byte = randomize_(ByteModel._from_config(config, attn_implementation=impl)).eval()
+    if moe:
+        reference = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation=impl)
+        reference.load_state_dict(mixtral_state_dict(byte.state_dict()), strict=True)
+    else:
+        reference = LlamaForCausalLM._from_config(config.to_llama_config(), attn_implementation=impl)
+        reference.load_state_dict(byte.state_dict(), strict=True)
+    return byte, reference.eval()
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["llama", "mixtral"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_each_attention_implementation_matches_the_reference_on_padded_batches(impl, moe):
+    byte, reference = make_reference_pair(impl, moe)
+    assert byte.config._attn_implementation == reference.config._attn_implementation == impl
+    ids = random_ids(3, 12, seed=5)
+    for side in ("left", "right"):
+        mask = torch.ones_like(ids)
+        if side == "left":
+            mask[0, :4] = mask[2, :7] = 0
+        else:
+            mask[0, 8:] = mask[2, 5:] = 0
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        real = mask.bool()
+        byte_logits = byte(ids, attention_mask=mask, position_ids=position_ids).logits
+        reference_logits = reference(ids, attention_mask=mask, position_ids=position_ids).logits
+        torch.testing.assert_close(byte_logits[real], reference_logits[real], atol=ATOL, rtol=0)
+
+
+def test_a_registered_attention_function_is_called(tmp_path):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("counting_sdpa", counting_attention)
+    byte, _ = make_pair()
+    ids = random_ids(2, 9)
+    expected = byte(ids).logits
+    byte.save_pretrained(tmp_path)
+    counted = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="counting_sdpa").eval()
+    torch.testing.assert_close(counted(ids).logits, expected, atol=0, rtol=0)
+    assert calls == list(range(byte.config.num_hidden_layers))
+
+
+def test_a_saved_folder_loads_with_the_implementation_asked_for(pair, tmp_path):
+    byte, llama = pair
+    byte.save_pretrained(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", trust_remote_code=True)
+    assert eager.config._attn_implementation == "eager"
+    assert AutoModel.from_pretrained(tmp_path, trust_remote_code=True).config._attn_implementation == "sdpa"
+    ids = random_ids(2, 10)
+    torch.testing.assert_close(eager.eval()(ids).logits, llama(ids).logits, atol=ATOL, rtol=0)
+
+
+def continuous_batching_tokens(model, prompts: list[list[int]], max_new_tokens: int = 10) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    return [output.generated_tokens for output in sorted(outputs.values(), key=lambda output: output.request_id)]
+
+
+def generate_tokens(model, prompt: list[int], max_new_tokens: int = 10) -> list[int]:
+    ids = torch.tensor([prompt])
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [False, True], ids=["llama", "mixtral"])
+def test_continuous_batching_equals_generate_and_the_reference(moe):
+    byte, reference = make_reference_pair("sdpa", moe)
+    prompts = [[5, 6, 7], list(range(9, 20)), [20], [30, 31, 32, 33, 34]]
+    expected = [generate_tokens(byte, prompt) for prompt in prompts]
+    assert continuous_batching_tokens(byte, prompts) == expected
+    assert continuous_batching_tokens(reference, prompts) == expected
+
+
+@pytest.mark.slow
+def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone():
+    from transformers import GenerationConfig
+
+    byte, _ = make_reference_pair("sdpa", moe=False)
+    first, joining = list(range(3, 15)), [40, 41, 42]
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    manager = byte.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        manager.add_request(first, request_id="first", max_new_tokens=24, streaming=True)
+        for output in manager.request_id_iter("first"):  # the first request is decoding when the second arrives
+            if len(output.generated_tokens) >= 4:
+                break
+        manager.add_request(joining, request_id="joining", max_new_tokens=8)
+        results = {}
+        while len(results) < 2:
+            output = manager.get_result(timeout=60)
+            assert output is not None, "no result within a minute"
+            if output.is_finished():
+                results[output.request_id] = output.generated_tokens
+    finally:
+        manager.stop(block=True)
+    assert results["first"] == generate_tokens(byte, first, 24)
+    assert results["joining"] == generate_tokens(byte, joining, 8)
+
+
+def test_dynamic_rope_refuses_continuous_batching():
+    byte, _ = make_pair(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="continuous batching needs a model without dynamic NTK RoPE"):
+        continuous_batching_tokens(byte, [[5, 6, 7]])
+
+
+# ---------------------------------------------------------------------------------------- sliding-window attention
+def test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full_forward():
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(0)
+    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=5))).eval()
+    mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
+    mistral.load_state_dict(byte.state_dict(), strict=True)
+    ids = random_ids(2, 20, seed=6)
+    full = byte(ids).logits
+    torch.testing.assert_close(full, mistral(ids).logits, atol=ATOL, rtol=0)
+    # The window matters: the same model attending to everything gives other logits past it.
+    unbounded = ByteModel(tiny_config(pad_token_id=0)).eval()
+    unbounded.load_state_dict(byte.state_dict())
+    assert (unbounded(ids).logits[:, 5:] - full[:, 5:]).abs().max() > 1e-3
+    torch.testing.assert_close(unbounded(ids).logits[:, :5], full[:, :5], atol=ATOL, rtol=0)
+
+    cache = DynamicCache(config=byte.config)
+    steps = [byte(ids[:, :3], cache=cache, use_cache=True).logits]
+    steps += [byte(ids[:, index:index + 1], cache=cache, use_cache=True).logits for index in range(3, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+    # A sliding layer keeps the window's earlier tokens only, however long the sequence.
+    assert all(layer.keys.shape[2] == 4 for layer in cache.layers)
+
+
+@pytest.mark.slow
+def test_sliding_window_generate_equals_mistral_and_a_full_layer_keeps_everything():
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(0)
+    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=4))).eval()
+    mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
+    mistral.load_state_dict(byte.state_dict(), strict=True)
+    prompt = random_ids(1, 6, seed=7)
+    tokens = byte.generate(prompt, **{**GEN, "max_new_tokens": 40}, return_dict_in_generate=True)
+    assert torch.equal(tokens.sequences, mistral.generate(prompt, **{**GEN, "max_new_tokens": 40}))
+    assert [layer.keys.shape[2] for layer in getattr(tokens, CACHE_FIELD).layers] == [3, 3]
+
+    hybrid = ByteModel(tiny_config(pad_token_id=0, sliding_window=4, layer_types=["sliding_attention",
+                                                                                  "full_attention"])).eval()
+    cache = getattr(hybrid.generate(prompt, **{**GEN, "max_new_tokens": 40}, return_dict_in_generate=True),
+                    CACHE_FIELD)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [3, 6 + 40 - 1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sliding_window": 0}, "sliding_window must be null or a positive integer"),
+    ({"layer_types": ["full_attention"]}, "layer_types must list"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "sliding_window is null"),
+    ({"sliding_window": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "sliding_window with dynamic RoPE is not supported"),
+])
+def test_sliding_window_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)

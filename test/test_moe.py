@@ -165,6 +165,27 @@ def test_matches_transformers_mixtral_sparse_moe_block(top_k):
         assert_max_diff(grads[name], param.grad, msg=name)
 
 
+def test_experts_take_mixtral_and_vllm_call_and_equal_mixtral_experts():
+    """vLLM's Transformers backend swaps in its fused experts and calls them as transformers calls Mixtral's:
+    experts(hidden_states, top_k_index, top_k_weights); ours take that call and compute what Mixtral's compute."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    layer = make_layer(num_experts_per_tok=2)
+    mixtral_config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS)
+    mixtral_config._experts_implementation = "eager"
+    experts = MixtralExperts(mixtral_config)
+    experts.load_state_dict(layer.experts.state_dict(), strict=True)
+    x = random_states(seed=3).reshape(-1, HIDDEN)
+    generator = torch.Generator().manual_seed(4)
+    top_k_index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:2] for _ in range(x.shape[0])])
+    top_k_index[:, 0] = top_k_index[:, 0].clamp(max=EXPERTS - 2)  # leave the last expert no token at all
+    top_k_index[:, 1] = torch.where(top_k_index[:, 1] == EXPERTS - 1, top_k_index[:, 0] ^ 1, top_k_index[:, 1])
+    top_k_weights = torch.rand(x.shape[0], 2, generator=generator)
+    ours = layer.experts(hidden_states=x, top_k_index=top_k_index, top_k_weights=top_k_weights)
+    assert ours.abs().max() > 0.1
+    assert_max_diff(ours, experts(x, top_k_index, top_k_weights), msg="experts")
+
+
 # ----------------------------------------------------------------------------------------------- fallback path
 def test_grouped_linear_fallback_equals_grouped_kernel_with_an_empty_group(monkeypatch):
     generator = torch.Generator().manual_seed(3)

@@ -284,6 +284,7 @@ OPTIONS = {
     "--batch-window-ms": ("250", lambda seen, default: seen["engine"].batch_window == 0.25),
     "--threads": ("2", lambda seen, default: seen["threads"] == 2),
     "--quantize": ("int8", lambda seen, default: getattr(seen["engine"].model.config, "quantization", None) == "int8"),
+    "--attn-implementation": ("eager", lambda seen, default: seen["engine"].model.config._attn_implementation == "eager"),
 }
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from utils.config import build_config, parse_config, save_config
+from utils.config import ModelSection, build_config, model_config_from, parse_config, save_config
 from utils.errors import InputError
 
 
@@ -102,7 +102,7 @@ def test_the_model_section_is_byte_model_config_itself():
 
     section = ModelSection()
     expected = {name for name in ByteModelConfig.__annotations__ if name not in NOT_IN_MODEL_SECTION}
-    assert set(vars(section)) == expected | {"init_from"}
+    assert set(vars(section)) == expected | {"init_from", "attn_implementation"}
     built = model_config_from(section, vocab_size=6400)
     reference = ByteModelConfig()  # the same defaults, by construction
     for name in expected:
@@ -212,6 +212,19 @@ def test_a_grpo_reference_without_the_kl_term_is_refused(tmp_path):
         check_training_config(config)
 
 
+def test_model_attn_implementation_reaches_the_model_and_bad_names_are_one_line():
+    from model import ByteModel
+
+    for name in ("sdpa", "eager"):
+        config = model_config_from(ModelSection(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                                attn_implementation=name), vocab_size=32)
+        assert ByteModel(config).config._attn_implementation == name
+    for name, reason in (("nonsense", "is not supported"), ("flash_attention_2", "Flash Attention 2")):
+        with pytest.raises(InputError, match=f"model.attn_implementation '{name}': .*{reason}") as error:
+            model_config_from(ModelSection(attn_implementation=name), vocab_size=32)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("key, value", [("hidden_size", 128), ("attention_dropout", 0.1), ("num_experts", 4)])
 def test_model_keys_beside_init_from_are_refused(tmp_path, key, value):
     """The starting model keeps the architecture it was saved with: a model key beside it would do nothing."""
@@ -221,3 +234,6 @@ def test_model_keys_beside_init_from_are_refused(tmp_path, key, value):
     config = build_config(TrainingConfig, {"model": {"init_from": str(tmp_path), key: value}})
     with pytest.raises(InputError, match=f"model.{key} does not apply with model.init_from"):
         check_training_config(config)
+    # The attention function is not part of the architecture: a starting model runs with the one asked for.
+    check_training_config(build_config(TrainingConfig, {"model": {"init_from": str(tmp_path),
+                                                                  "attn_implementation": "eager"}}))

@@ -36,19 +36,24 @@ RESUME_KEYS = {"model": None, "lora": None,
                "rlhf": ("method", "beta", "label_smoothing", "sft_weight", "reference_from", "num_generations",
                         "prompts_per_step", "num_iterations")}
 
+# Keys of the sections above that a resumed run may still change: they do not change what is computed.
+CHANGEABLE_ON_RESUME = {"model.attn_implementation"}
 
-def load_model_folder(path: Path, model_class=None) -> nn.Module:
+
+def load_model_folder(path: Path, model_class=None, attn_implementation: str | None = None) -> nn.Module:
     """A saved model folder (final/, best/ or a checkpoint step folder), in fp32 and eval mode, with every weight
     from the file: from_pretrained would fill missing weights with random ones and drop unknown ones, which would
     silently report on, export or chat with a different model than the one trained. `model_class` defaults to
-    ByteModel (any `from_pretrained` class works, e.g. AutoModelForCausalLM)."""
+    ByteModel (any `from_pretrained` class works, e.g. AutoModelForCausalLM); `attn_implementation` (None: sdpa)
+    picks the attention function."""
     if model_class is None:
         from model import ByteModel as model_class
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"model folder not found: {path}")
     try:
-        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                  attn_implementation=attn_implementation)
     except Exception as error:  # any failure to read it means the same to the user: not a usable model folder
         raise InputError(f"cannot read a model from {path}: {error_summary(error)}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -58,7 +63,7 @@ def load_model_folder(path: Path, model_class=None) -> nn.Module:
     return model.eval()
 
 
-def load_starting_model(folder: str) -> nn.Module:
+def load_starting_model(folder: str, attn_implementation: str | None = None) -> nn.Module:
     """`model.init_from`: a folder of this project or a plain transformers Llama or Mixtral folder, in fp32. The
     model keeps its class, so that what a run writes is the same kind of folder it started from."""
     from transformers import AutoModelForCausalLM
@@ -67,7 +72,7 @@ def load_starting_model(folder: str) -> nn.Module:
 
     if not Path(folder).is_dir():
         raise InputError(f"model.init_from: folder not found: {folder}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn_implementation)
     try:
         ByteModelConfig.from_llama_family(model.config)
     except ValueError as error:
@@ -115,7 +120,7 @@ def resume_mismatch(saved: dict, current: dict, defaults: dict) -> str | None:
         if section not in current:  # a section only some stages have
             continue
         for key in keys or current[section]:
-            if key not in current[section]:  # a key only some stages have
+            if key not in current[section] or f"{section}.{key}" in CHANGEABLE_ON_RESUME:
                 continue
             before = saved.get(section, {}).get(key, defaults[section][key])
             if before != current[section][key]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import torch
 import yaml
 
 from model.config import ByteModelConfig
@@ -219,6 +220,9 @@ def _model_section() -> type:
               for name, annotation in ByteModelConfig.__annotations__.items() if name not in NOT_IN_MODEL_SECTION]
     # A model folder to start from (this project's final/, a Llama or Mixtral folder) instead of random weights.
     fields.append(("init_from", str | None, field(default=None)))
+    # The attention function (transformers' attention interface): sdpa, eager, or one registered with
+    # AttentionInterface. Not part of the saved model: a folder loads with whichever the loader asks for.
+    fields.append(("attn_implementation", str, field(default="sdpa")))
     return dataclasses.make_dataclass("ModelSection", fields, namespace={
         "__doc__": "ByteModelConfig's fields; vocabulary and special token ids come from the tokenizer.",
         "canonical_names": staticmethod(ByteModelConfig.canonical_names),
@@ -387,10 +391,11 @@ def check_training_config(config: TrainingConfig) -> None:
         raise InputError(f"optim.lr must be > 0, got {config.optim.lr}")
     if not 0 <= config.optim.min_lr <= config.optim.lr:
         raise InputError(f"optim.min_lr must be in [0, optim.lr], got {config.optim.min_lr}")
+    check_attn_implementation(config.model.attn_implementation, "model.attn_implementation")
     if config.model.init_from is not None:
         defaults = ModelSection()
         for name, value in vars(config.model).items():
-            if name != "init_from" and value != getattr(defaults, name):
+            if name not in ("init_from", "attn_implementation") and value != getattr(defaults, name):
                 raise InputError(f"model.{name} does not apply with model.init_from: the starting model keeps the "
                                  f"architecture it was saved with")
     lora = config.lora
@@ -483,10 +488,26 @@ def resolve_tokenizer(config: TrainingConfig) -> str:
     return init_from
 
 
+def check_attn_implementation(name: str, where: str) -> None:
+    """Refuse, in one line, an attention implementation that ByteModel cannot run (transformers decides: unknown
+    names, kernels not installed or not supported by the model)."""
+    from model import ByteModel
+
+    tiny = ByteModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                           intermediate_size=8)
+    tiny._attn_implementation = name
+    try:
+        with torch.device("meta"):  # transformers checks the name while building; no weights, no random numbers
+            ByteModel(tiny)
+    except (ValueError, ImportError) as error:
+        raise InputError(f"{where} {name!r}: {str(error).strip().splitlines()[0]}") from None
+
+
 def model_config_from(section: ModelSection, tokenizer=None, vocab_size: int | None = None):
     """The ByteModelConfig of a model section plus what the tokenizer decides: vocabulary size and special token
     ids (or just `vocab_size`, where only the shapes matter)."""
     fields = {key: value for key, value in dataclasses.asdict(section).items() if key != "init_from"}
+    check_attn_implementation(fields["attn_implementation"], "model.attn_implementation")
     if tokenizer is not None:
         fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

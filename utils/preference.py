@@ -168,7 +168,8 @@ def reference_model(trainer) -> tuple[nn.Module, bool]:
     config, section = trainer.config, trainer.config.rlhf
     if section.reference_from is None and config.lora.enabled:
         return trainer.model, True
-    reference = load_starting_model(section.reference_from or config.model.init_from).to(trainer.context.device)
+    reference = load_starting_model(section.reference_from or config.model.init_from,
+                                    config.model.attn_implementation).to(trainer.context.device)
     return reference.eval().requires_grad_(False), False
 
 

@@ -143,7 +143,7 @@ class Trainer:
 
     def build_model(self, tokenizer) -> nn.Module:
         section = self.config.model
-        model = (load_starting_model(section.init_from) if section.init_from
+        model = (load_starting_model(section.init_from, section.attn_implementation) if section.init_from
                  else ByteModel(model_config_from(section, tokenizer)))
         if self.config.data.seq_len > model.config.max_position_embeddings:
             raise InputError(f"data.seq_len={self.config.data.seq_len} exceeds the model's "
