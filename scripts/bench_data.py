@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/model_pretrain.yaml")
     parser.add_argument("--sizes", default="1,4", help="corpus sizes, in copies of the demo training corpus")
     parser.add_argument("--documents", type=int, default=None, help="use only the corpus's first N documents")
-    parser.add_argument("--rounds", type=int, default=2, help="tokenize-once runs per format and size (best kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="tokenize-once runs per format and size (best kept)")
     parser.add_argument("--batches", type=int, default=300, help="batches to time each loader over")
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--output", default="model_info/bench_data.json")

@@ -72,7 +72,7 @@ def test_each_option_reaches_what_bench_data_measures(monkeypatch, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("data:\n  seq_len: 32\n")
     default = measured(monkeypatch, tmp_path, [])
-    assert len(default["tokenized"]) == 2 * 3 and set(default["batches"]) == {300}
+    assert len(default["tokenized"]) == 3 * 3 and set(default["batches"]) == {300}
     assert default["training"] == [(5, 256)]
     assert len(measured(monkeypatch, tmp_path, ["--rounds", "1"])["tokenized"]) == 3
     assert set(measured(monkeypatch, tmp_path, ["--batches", "7"])["batches"]) == {7}
