@@ -50,7 +50,7 @@ def measured(monkeypatch, tmp_path, options: list[str]) -> dict:
 
         seen["tokenized"].append(files)
         _, meta = build_token_cache(files, AutoTokenizer.from_pretrained(tokenizer_folder), cache_dir)
-        return {"seconds": 1.0, "tokens": meta["num_tokens"], "peak_mib": 0.0, "digest": "same"}
+        return {"seconds": 1.0, "tokens": meta["num_tokens"], "peak_mib": 0.0, "digest": "same", "startup_ms": 0.0}
 
     def loader_rate(loader, max_batches):
         seen["batches"].append(max_batches)
