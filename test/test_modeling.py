@@ -758,13 +758,19 @@ def test_dynamic_rope_refuses_continuous_batching():
 
 
 # ---------------------------------------------------------------------------------------- sliding-window attention
-def test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full_forward():
+def sliding_pair(window: int):
+    """A randomised ByteModel with a sliding window and transformers' Mistral holding the same weights."""
     from transformers import MistralForCausalLM
 
     torch.manual_seed(0)
-    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=5))).eval()
+    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=window))).eval()
     mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
     mistral.load_state_dict(byte.state_dict(), strict=True)
+    return byte, mistral
+
+
+def test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full_forward():
+    byte, mistral = sliding_pair(5)
     ids = random_ids(2, 20, seed=6)
     full = byte(ids).logits
     torch.testing.assert_close(full, mistral(ids).logits, atol=ATOL, rtol=0)
@@ -784,12 +790,7 @@ def test_sliding_window_logits_equal_mistral_and_cached_decoding_equals_the_full
 
 @pytest.mark.slow
 def test_sliding_window_generate_equals_mistral_and_a_full_layer_keeps_everything():
-    from transformers import MistralForCausalLM
-
-    torch.manual_seed(0)
-    byte = randomize_(ByteModel(tiny_config(pad_token_id=0, sliding_window=4))).eval()
-    mistral = MistralForCausalLM._from_config(byte.config.to_mistral_config(), attn_implementation="sdpa").eval()
-    mistral.load_state_dict(byte.state_dict(), strict=True)
+    byte, mistral = sliding_pair(4)
     prompt = random_ids(1, 6, seed=7)
     tokens = byte.generate(prompt, **{**GEN, "max_new_tokens": 40}, return_dict_in_generate=True)
     assert torch.equal(tokens.sequences, mistral.generate(prompt, **{**GEN, "max_new_tokens": 40}))

@@ -70,18 +70,12 @@ class JsonlSource(Source):
     kind = "jsonl"
 
     def records(self, skip=0, columns=None):
-        row = 0
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if row >= skip:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        record = Malformed(f"malformed JSON ({error.msg})")
-                    yield row, f"{self.path}:{line_number}", record
-                row += 1
+        for row, line_number, line in _lines(self.path, skip):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                record = Malformed(f"malformed JSON ({error.msg})")
+            yield row, f"{self.path}:{line_number}", record
 
     def count(self) -> int:
         return _count_lines(self.path)
@@ -94,14 +88,8 @@ class TextSource(Source):
 
     def records(self, skip=0, columns=None):
         name = columns[0] if columns else "text"
-        row = 0
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if row >= skip:
-                    yield row, f"{self.path}:{line_number}", {name: line.rstrip("\n")}
-                row += 1
+        for row, line_number, line in _lines(self.path, skip):
+            yield row, f"{self.path}:{line_number}", {name: line.rstrip("\n")}
 
     def count(self) -> int:
         return _count_lines(self.path)
@@ -245,6 +233,19 @@ class SQLiteSource(Source):
             return self._execute(connection, f"SELECT COUNT(*) FROM ({self._select()})").fetchone()[0]
         finally:
             connection.close()
+
+
+def _lines(path: str, skip: int) -> Iterator[tuple[int, int, str]]:
+    """(row, line number, line) for the non-blank lines of a text file from row `skip` on (a row is a non-blank
+    line)."""
+    row = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if row >= skip:
+                yield row, line_number, line
+            row += 1
 
 
 def _count_lines(path: str) -> int:
