@@ -44,6 +44,12 @@ def save_tiny_start(folder: Path) -> Path:
     return folder
 
 
+def overridden(config_values: dict, sections: dict[str, dict]) -> dict:
+    """A nested config dict with each section's overrides laid over that section (a section it lacks is added)."""
+    return {**config_values, **{section: {**config_values.get(section, {}), **overrides}
+                                for section, overrides in sections.items()}}
+
+
 def cli_arguments(config_values: dict) -> list[str]:
     """A nested config dict as a training script's `--section.key=VALUE` overrides."""
     return [f"--{section}.{key}={json.dumps(value)}" for section, entries in config_values.items()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import cli_arguments, save_tiny_start, script_environment, write_lines
+from helpers import cli_arguments, overridden, save_tiny_start, script_environment, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import run_training
@@ -54,9 +54,7 @@ def values(start: dict[str, Path], out_dir: Path, **sections) -> dict:
               "checkpoint": {"every_steps": 4, "keep_last": 3},
               "eval": {"every_steps": 6, "max_batches": 2},
               "logging": {"every_steps": 1, "swanlab_mode": "disabled", "sample_tokens": 4, "plots": False}}
-    for section, overrides in sections.items():
-        result[section] = {**result.get(section, {}), **overrides}
-    return result
+    return overridden(result, sections)
 
 
 def fit(config_values: dict, resume: str | None = None) -> dict:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import model  # noqa: F401  (registers the model with the Auto classes)
 import model_rlhf_train
-from helpers import cli_arguments, save_tiny_start, script_environment, write_lines
+from helpers import cli_arguments, overridden, save_tiny_start, script_environment, write_lines
 from training import read_metrics, stop_before_call, step_folders
 from utils.config import PreferenceConfig, build_config
 from utils.trainer import Trainer, run_training
@@ -135,9 +135,7 @@ def values(start: dict[str, Path], out_dir: Path, **sections) -> dict:
               "logging": {"every_steps": 1, "swanlab_mode": "disabled", "plots": False},
               "rlhf": {"method": "grpo", "beta": 0.0, "reward_functions": [*BUILT_IN, LOW_IDS], "num_generations": 4,
                        "prompts_per_step": 2, "max_completion_tokens": 8}}
-    for section, overrides in sections.items():
-        result[section] = {**result.get(section, {}), **overrides}
-    return result
+    return overridden(result, sections)
 
 
 def trainer(config_values: dict, resume: str | None = None) -> Trainer:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import model_pretrain
 import utils.trainer
+from helpers import overridden
 from utils.config import TrainingConfig, build_config
 from utils.trainer import Trainer
 
@@ -30,9 +31,7 @@ def make_config(out_dir: Path, cache_dir: Path, **sections) -> TrainingConfig:
     }
     if "init_from" in sections.get("model", {}):
         values["model"] = {}  # the starting model keeps its own architecture
-    for section, overrides in sections.items():
-        values[section] = {**values[section], **overrides}
-    return build_config(TrainingConfig, values)
+    return build_config(TrainingConfig, overridden(values, sections))
 
 
 def fit(config: TrainingConfig, resume: str | None = None) -> dict:
