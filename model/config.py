@@ -204,14 +204,13 @@ class ByteModelConfig(PretrainedConfig):
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
             raise ValueError(f"sliding_window must be null or a positive integer, got {window!r}")
-        if self.layer_types is not None:
-            kinds = ("sliding_attention", "full_attention")
-            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers \
-                    or any(kind not in kinds for kind in self.layer_types):
-                raise ValueError(f"layer_types must list {' or '.join(kinds)} for each of the {self.num_hidden_layers} "
-                                 f"layers, got {self.layer_types!r}")
-            if window is None and "sliding_attention" in self.layer_types:
-                raise ValueError("layer_types has sliding_attention layers but sliding_window is null")
+        kinds = ("sliding_attention", "full_attention")
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers \
+                or any(kind not in kinds for kind in self.layer_types):
+            raise ValueError(f"layer_types must list {' or '.join(kinds)} for each of the {self.num_hidden_layers} "
+                             f"layers, got {self.layer_types!r}")
+        if window is None and "sliding_attention" in self.layer_types:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is null")
         if window is not None and (self.rope_parameters or {}).get("rope_type") == "dynamic":
             raise ValueError("sliding_window with dynamic RoPE is not supported (dynamic RoPE caches keys "
                              "un-rotated for every position, a sliding cache drops them)")
