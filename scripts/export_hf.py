@@ -37,7 +37,7 @@ def check_expressible(config: ByteModelConfig, state_dict: dict[str, torch.Tenso
     """Refuse the configured features that LlamaForCausalLM (dense), MistralForCausalLM (dense with a sliding window)
     or MixtralForCausalLM (MoE) cannot compute."""
     target = "Mixtral" if config.num_experts else "Mistral" if config.sliding_window is not None else "Llama"
-    if config.layer_types is not None and len(set(config.layer_types)) > 1:
+    if len(set(config.layer_types)) > 1:
         raise InputError(f"layer_types mixing sliding and full attention cannot be exported: every {target} layer "
                          f"attends the same way")
     if config.parallel_residual:
