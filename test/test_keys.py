@@ -526,11 +526,13 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
         **each("test/test_serve.py::test_each_option_reaches_the_server", (
             "--model", "--host", "--port", "--api-key", "--model-name", "--max-batch-size", "--batch-window-ms",
             "--threads", "--quantize", "--attn-implementation")),
+        "--engine": ("test/test_serve.py::test_each_option_reaches_the_server[--engine]",
+                     "test/test_serving.py::test_a_request_joining_a_running_batch_answers_as_alone"),
         # What the engine does with them.
         "--max-batch-size": ("test/test_serve.py::test_each_option_reaches_the_server[--max-batch-size]",
-                             "test/test_serve.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
+                             "test/test_serving.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
         "--batch-window-ms": ("test/test_serve.py::test_each_option_reaches_the_server[--batch-window-ms]",
-                              "test/test_serve.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
+                              "test/test_serving.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
     },
     "scripts/export_hf.py": {
         "--model": "test/test_export_hf.py::test_export_gives_the_same_logits_and_greedy_tokens_without_the_project",

@@ -1,5 +1,6 @@
-"""scripts/serve.py: the engine in-process (batched greedy equals alone, per-request limits and stop strings, whole
-characters, penalties), then one live server driven by the official openai client, plain HTTP and headless Chromium."""
+"""scripts/serve.py and utils/server.py: request checks, every option reaching the server, then one live server
+(continuous batching) driven by the official openai client, plain HTTP and headless Chromium. The engines themselves
+are tested in test_serving.py."""
 
 import concurrent.futures
 import http.client
@@ -19,146 +20,37 @@ import openai
 import pytest
 import torch
 
-from helpers import randomize_, tiny_config
+from helpers import randomize_
 from model import ByteModel
-from test_chat import scripted
+from test_serving import CONTEXT, chat_ids, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
+from utils import server as http_side
+from utils.serving import Sampling, partial_stop_length
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import serve  # noqa: E402
 
 API_KEY = "test-key"
-CONTEXT = 4096
-
-
-def random_model(tokenizer) -> ByteModel:
-    """Random weights with a large context, whose end-of-sequence logit is always 0: among 6400 random logits the
-    greedy choice is never it, so greedy replies run to their token limit."""
-    torch.manual_seed(0)
-    language_model = ByteModel(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=CONTEXT,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                           bos_token_id=tokenizer.bos_token_id))
-    randomize_(language_model)
-    with torch.no_grad():
-        language_model.lm_head.weight[tokenizer.eos_token_id] = 0
-    return language_model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small decodes fastest on one thread, and far faster than on two where other processes share the
-    cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    return serve.Engine(random_model(tokenizer), tokenizer)
-
-
-def job(prompt_ids: list[int], max_tokens: int, events: list, index: int = 0, **fields) -> serve.Job:
-    return serve.Job(prompt_ids, max_tokens, fields.pop("sampling", serve.Sampling(do_sample=False)), events.append,
-                     index, **fields)
-
-
-def chat_ids(tokenizer, content: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         return_dict=True)["input_ids"]
-
-
-def replies(events: list, count: int) -> list[dict]:
-    """Per job: the text pieces it sent, its finish reason and token count."""
-    result = [{"pieces": [], "finish_reason": None, "tokens": None} for _ in range(count)]
-    for event in events:
-        if event[1] == "text":
-            result[event[0]]["pieces"].append(event[2])
-        elif event[1] == "end":
-            result[event[0]].update(finish_reason=event[2], tokens=event[3])
-        else:
-            raise AssertionError(event)
-    return result
-
-
-def test_batched_greedy_equals_alone_with_per_request_limits(engine, tokenizer):
-    prompts = [chat_ids(tokenizer, text)
-               for text in ("hi", "你好，请介绍一下你自己。", "What is 2 + 3? Answer in one word, please.", "ok")]
-    limits = [5, 12, 3, 9]
-    alone = []
-    for prompt, limit in zip(prompts, limits):
-        events = []
-        engine.run([job(prompt, limit, events)])
-        alone.append(replies(events, 1)[0])
-    events = []
-    engine.run([job(prompt, limit, events, index) for index, (prompt, limit) in enumerate(zip(prompts, limits))])
-    batched = replies(events, len(prompts))
-    for single, together, limit in zip(alone, batched, limits):
-        assert "".join(single["pieces"]) == "".join(together["pieces"]) != ""
-        assert together["finish_reason"] == single["finish_reason"] == "length"
-        assert together["tokens"] == single["tokens"] == limit
-    # The reference: plain transformers generate on one prompt.
-    reference = engine.model.generate(torch.tensor([prompts[1]]), max_new_tokens=limits[1], do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id)
-    assert "".join(batched[1]["pieces"]) == tokenizer.decode(reference[0, len(prompts[1]):], skip_special_tokens=True)
-
-
-def test_text_streams_in_whole_characters_and_ends_at_eos(tokenizer):
-    text = "你好龘😀 ok! é"
-    tokens = tokenizer.encode(text, add_special_tokens=False)
-    # The rare character, the emoji and é are each split over byte tokens.
-    assert any("\ufffd" in tokenizer.decode(tokens[:cut]) for cut in range(1, len(tokens)))
-    engine = serve.Engine(scripted(tokenizer, tokens + [tokenizer.eos_token_id] + tokens), tokenizer)
-    events = []
-    engine.run([job(tokenizer.encode("hi", add_special_tokens=False), 100, events)])
-    (reply,) = replies(events, 1)
-    assert "".join(reply["pieces"]) == text
-    assert not any("\ufffd" in piece for piece in reply["pieces"]) and len(reply["pieces"]) > 1
-    assert reply["finish_reason"] == "stop" and reply["tokens"] == len(tokens) + 1
-
-
-@pytest.mark.parametrize("stop, expected", [(("wor",), " hello "), (("lo w", "again"), " hel"),
-                                            (("xyz", " again"), " hello world")])
-def test_stop_strings_end_the_reply_and_are_never_sent(tokenizer, stop, expected):
-    tokens = tokenizer.encode(" hello world again and again", add_special_tokens=False)
-    language_model = scripted(tokenizer, tokens)
-    engine = serve.Engine(language_model, tokenizer)
-    events = []
-    engine.run([job(tokenizer.encode("hi", add_special_tokens=False), 50, events, stop=stop)])
-    (reply,) = replies(events, 1)
-    assert "".join(reply["pieces"]) == expected and reply["finish_reason"] == "stop"
-    # Generation ended on the token that completed the stop string, not at the limit.
-    completing = next(count for count in range(1, len(tokens) + 1)
-                      if any(text in tokenizer.decode(tokens[:count]) for text in stop))
-    assert reply["tokens"] == len(language_model.calls) == completing
-
-
-def test_presence_and_frequency_penalties_count_the_reply_only():
-    prompt_width = 2
-    input_ids = torch.tensor([[5, 6, 7, 7, 8], [7, 7, 5, 0, 0]])
-    penalty = serve.PresenceFrequencyPenalty([0.5, 1.0], [0.25, 0.0], prompt_width)
-    scores = penalty(input_ids, torch.zeros(2, 10))
-    expected = torch.zeros(2, 10)
-    expected[0, 7], expected[0, 8] = -(0.5 + 2 * 0.25), -(0.5 + 0.25)
-    expected[1, 5], expected[1, 0] = -1.0, -1.0
-    torch.testing.assert_close(scores, expected)
 
 
 def test_sampling_settings_and_limits_are_checked():
-    with pytest.raises(serve.RequestError, match="temperature"):
-        serve.checked_sampling(serve.ChatRequest(messages=[], temperature=-0.1))
-    with pytest.raises(serve.RequestError, match="stop"):
-        serve.checked_sampling(serve.ChatRequest(messages=[], stop=["a", ""]))
-    with pytest.raises(serve.RequestError, match="max_completion_tokens"):
-        serve.checked_sampling(serve.ChatRequest(messages=[], max_tokens=5, max_completion_tokens=0))
-    sampling, stop, max_tokens = serve.checked_sampling(serve.ChatRequest(messages=[], temperature=0, top_p=0.5,
-                                                                          stop="x", max_completion_tokens=7))
-    assert sampling == serve.Sampling(do_sample=False) and stop == ("x",) and max_tokens == 7
-    assert serve.token_limit(10, None, 64, "messages") == 54
-    with pytest.raises(serve.RequestError, match="context"):
-        serve.token_limit(64, None, 64, "messages")
-    assert serve.partial_stop_length("say hel", ("hello", "l")) == 3
+    with pytest.raises(http_side.RequestError, match="temperature"):
+        http_side.checked_sampling(http_side.ChatRequest(messages=[], temperature=-0.1))
+    with pytest.raises(http_side.RequestError, match="stop"):
+        http_side.checked_sampling(http_side.ChatRequest(messages=[], stop=["a", ""]))
+    with pytest.raises(http_side.RequestError, match="max_completion_tokens"):
+        http_side.checked_sampling(http_side.ChatRequest(messages=[], max_tokens=5, max_completion_tokens=0))
+    with pytest.raises(http_side.RequestError, match="top_k"):
+        http_side.checked_sampling(http_side.ChatRequest(messages=[], top_k=-2))
+    sampled, _, _ = http_side.checked_sampling(http_side.ChatRequest(messages=[], top_k=-1, top_p=0.5, seed=3))
+    assert sampled == Sampling(do_sample=True, temperature=1.0, top_p=0.5, top_k=0, seed=3)
+    sampling, stop, max_tokens = http_side.checked_sampling(
+        http_side.ChatRequest(messages=[], temperature=0, top_p=0.5, stop="x", max_completion_tokens=7))
+    assert sampling == Sampling(do_sample=False) and stop == ("x",) and max_tokens == 7
+    assert http_side.token_limit(10, None, 64, "messages") == 54
+    with pytest.raises(http_side.RequestError, match="context"):
+        http_side.token_limit(64, None, 64, "messages")
+    assert partial_stop_length("say hel", ("hello", "l")) == 3
 
 
 def test_loads_a_lora_adapter_folder_on_its_base(tmp_path, tokenizer):
@@ -207,16 +99,6 @@ def test_bad_command_line_exits_2(tmp_path, monkeypatch, capsys):
         busy.close()
 
 
-def test_a_batch_waits_the_window_and_holds_at_most_max_batch_size(tokenizer):
-    engine = serve.Engine(random_model(tokenizer), tokenizer, max_batch_size=2, batch_window=0.3)
-    events = []
-    engine.submit([job(chat_ids(tokenizer, "hi"), 3, events, index) for index in range(3)])
-    started = time.monotonic()
-    batch = engine.next_batch()
-    assert time.monotonic() - started > 0.2
-    assert [queued.index for queued in batch] == [0, 1] and len(engine.queue) == 1
-
-
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """A tiny model folder, and another whose output layer is doubled."""
@@ -230,7 +112,7 @@ def model_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return {"model": root / "model", "other": root / "other"}
 
 
-ENGINE = serve.Engine
+SERVING_ENGINE = serve.serving_engine
 
 
 def served(monkeypatch, arguments: list[str]) -> dict:
@@ -248,13 +130,12 @@ def served(monkeypatch, arguments: list[str]) -> dict:
             seen["address"] = sockets[0].getsockname()[:2]
             seen["threads"] = torch.get_num_threads()
 
-    class Engine(ENGINE):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["engine"] = self
+    def engine_seen(*args, **kwargs):
+        seen["engine"] = SERVING_ENGINE(*args, **kwargs)
+        return seen["engine"]
 
     monkeypatch.setattr(serve.uvicorn, "Server", Server)
-    monkeypatch.setattr(serve, "Engine", Engine)
+    monkeypatch.setattr(serve, "serving_engine", engine_seen)
     monkeypatch.setattr(sys, "argv", ["serve.py", *arguments])
     threads = torch.get_num_threads()
     try:
@@ -281,10 +162,13 @@ OPTIONS = {
     "--api-key": ("secret", lambda seen, default: seen["unauthorised"] == 401),
     "--model-name": ("tiny", lambda seen, default: seen["model_ids"] == ["tiny"]),
     "--max-batch-size": ("3", lambda seen, default: seen["engine"].max_batch_size == 3),
-    "--batch-window-ms": ("250", lambda seen, default: seen["engine"].batch_window == 0.25),
+    "--batch-window-ms": ("250", lambda seen, default: seen["engine"].static.batch_window == 0.25),
+    "--engine": ("static", lambda seen, default: seen["engine"].name == "static"),
     "--threads": ("2", lambda seen, default: seen["threads"] == 2),
     "--quantize": ("int8", lambda seen, default: getattr(seen["engine"].model.config, "quantization", None) == "int8"),
-    "--attn-implementation": ("eager", lambda seen, default: seen["engine"].model.config._attn_implementation == "eager"),
+    # Continuous batching runs eager attention as "paged|eager".
+    "--attn-implementation": ("eager", lambda seen, default:
+                              seen["engine"].model.config._attn_implementation.endswith("eager")),
 }
 
 
@@ -455,16 +339,31 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 
 @pytest.mark.slow
-def test_concurrent_clients_are_batched_and_answer_as_alone(server, client):
+def test_staggered_clients_join_the_running_batch_and_answer_as_alone(server, client):
     questions = [f"question {index}: " + "why? " * (index % 5) for index in range(16)]
-    alone = [ask(client, question).choices[0].message.content for question in questions[:4]]
+    alone = [ask(client, question, max_tokens=24).choices[0].message.content for question in questions[:4]]
     before = get_json(f"{server}/health")
+
+    def staggered(index: int):
+        time.sleep(0.02 * index)  # each arrives while the earlier ones are decoding
+        return ask(client, questions[index], max_tokens=24)
+
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda question: ask(client, question), questions))
+        together = list(pool.map(staggered, range(16)))
     after = get_json(f"{server}/health")
     assert all(answer.choices[0].finish_reason == "length" for answer in together)
     assert [answer.choices[0].message.content for answer in together[:4]] == alone
-    assert after["completed"] - before["completed"] == 16 and after["batches"] - before["batches"] < 16
+    assert after["completed"] - before["completed"] == 16 and after["peak_running"] > 4
+    assert after["engine"] == "continuous" and after["batches"] == before["batches"]
+
+
+def test_a_model_continuous_batching_cannot_serve_is_served_statically(tokenizer, capsys):
+    from helpers import tiny_config
+
+    dynamic = ByteModel(tiny_config(vocab_size=len(tokenizer), rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})).eval()
+    engine = serve.serving_engine("continuous", dynamic, tokenizer, 4, 0.01)
+    assert engine.name == "static" and "dynamic NTK RoPE" in capsys.readouterr().err
 
 
 @pytest.mark.slow
