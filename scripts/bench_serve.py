@@ -1,10 +1,11 @@
-"""Serving throughput and time to first token with 1, 4 and 16 concurrent clients, against one client's rate.
+"""Serving throughput and time to first token, continuous batching against static batching, at 1, 4 and 16 clients.
 
-Starts scripts/serve.py on a free local port (or measures a running server given by --url), warms it up, then at
-each concurrency level sends the same --requests requests (greedy, streamed, up to --max-tokens new tokens each) from
-that many clients, each sending its next request as soon as its last one ends. One client is the sequential rate:
-every request generated alone. By default the pretrained demo model continues the first words of the demo
-validation documents (`/v1/completions`), so that replies run to their length and tokens/s measures generation;
+Starts scripts/serve.py on free local ports, once per engine (`--engine continuous` and `--engine static`), or measures
+a running server given by --url. Warms each up, then at each concurrency level sends the same --requests requests
+(greedy, streamed, up to --max-tokens new tokens each) from that many clients, each sending its next request as soon
+as its last one ends, to each engine in turn (so that both see the machine in the same state). One client is the
+sequential rate: every request generated alone. By default the pretrained demo model continues the first words of the
+demo validation documents (`/v1/completions`), so that replies run to their length and tokens/s measures generation;
 `--endpoint chat --model out/sft/final` sends the first user turns of the demo validation conversations instead (the
 demo chat model's replies are a few tokens long). Prints a table and writes it to --output (.json, and .md beside
 it). Run it alone on the machine.
@@ -53,11 +54,12 @@ def health(url: str) -> dict:
         return json.load(response)
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, engine: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", args.model, "--port", str(port)]
+    command = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", args.model, "--port", str(port),
+               "--engine", engine]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -98,9 +100,7 @@ def one_request(client: openai.OpenAI, endpoint: str, prompt: str, max_tokens: i
     return {"ttft": latency if first_text is None else first_text, "latency": latency, "tokens": tokens}
 
 
-def run_level(client: openai.OpenAI, url: str, endpoint: str, prompts: list[str], clients: int,
-              max_tokens: int) -> dict:
-    before = health(url)
+def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(one_request, client, endpoint, prompt, max_tokens) for prompt in prompts]
@@ -111,36 +111,50 @@ def run_level(client: openai.OpenAI, url: str, endpoint: str, prompts: list[str]
             except openai.OpenAIError:
                 failures += 1
     seconds = time.perf_counter() - start
-    batches = health(url)["batches"] - before["batches"]
     ttft = sorted(result["ttft"] for result in results) or [float("nan")]
     tokens = sum(result["tokens"] for result in results)
     return {"clients": clients, "requests": len(prompts), "completed": len(results), "failed": failures,
             "seconds": seconds, "completion_tokens": tokens, "tokens_per_s": tokens / seconds,
-            "requests_per_s": len(results) / seconds, "mean_batch": len(results) / max(batches, 1),
+            "requests_per_s": len(results) / seconds,
             "ttft_median_s": statistics.median(ttft), "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
             "latency_median_s": statistics.median(result["latency"] for result in results) if results else None}
 
 
 def table(rows: list[dict], model_name: str, endpoint: str, max_tokens: int) -> str:
-    base = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
+    """One row per engine and level: tokens/s against the engine's own one-client rate and against the static
+    engine's at the same level; then the two goals' ratios."""
+    by_key = {(row["engine"], row["clients"]): row for row in rows}
     kind = "chat" if endpoint == "chat" else "text completion"
     lines = [f"Serving `{model_name}`: greedy {kind} requests, up to {max_tokens} new tokens each, streamed.", "",
-             "| clients | requests (failed) | tokens/s | vs 1 client | requests/s | mean batch "
+             "| engine | clients | requests (failed) | tokens/s | vs 1 client | vs static | requests/s "
              "| time to first token, median / p90 | request time, median |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "-"
-        lines.append(f"| {row['clients']} | {row['requests']} ({row['failed']}) | {row['tokens_per_s']:,.0f} | "
-                     f"{ratio} | {row['requests_per_s']:.2f} | {row['mean_batch']:.1f} | "
+        alone, static = by_key.get((row["engine"], 1)), by_key.get(("static", row["clients"]))
+        lines.append(f"| {row['engine']} | {row['clients']} | {row['requests']} ({row['failed']}) | "
+                     f"{row['tokens_per_s']:,.0f} | {ratio(row, alone, 'tokens_per_s')} | "
+                     f"{ratio(row, static, 'tokens_per_s')} | {row['requests_per_s']:.2f} | "
                      f"{row['ttft_median_s'] * 1000:,.0f} / {row['ttft_p90_s'] * 1000:,.0f} ms | "
                      f"{row['latency_median_s']:.2f} s |")
+    lines.append("")
+    for engine in dict.fromkeys(row["engine"] for row in rows):
+        if (engine, 1) in by_key and (engine, 4) in by_key:
+            lines.append(f"- {engine}: median time to first token at 4 clients is "
+                         f"{ratio(by_key[(engine, 4)], by_key[(engine, 1)], 'ttft_median_s')} the one-client "
+                         f"figure.")
     return "\n".join(lines) + "\n"
+
+
+def ratio(row: dict, reference: dict | None, key: str) -> str:
+    return f"{row[key] / reference[key]:.2f}x" if reference and reference[key] else "-"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="out/pretrain/final", help="the folder to serve (ignored with --url)")
     parser.add_argument("--url", help="measure this running server instead (e.g. http://127.0.0.1:8000)")
+    parser.add_argument("--engines", nargs="+", choices=["continuous", "static"], default=["static", "continuous"],
+                        help="the engines to start a server with (ignored with --url)")
     parser.add_argument("--api-key", default="none", help="the server's --api-key, with --url")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
@@ -162,21 +176,32 @@ def main() -> None:
     args = parse_args()
     prompts = prompts_from(Path(args.data) if args.data else ROOT / DEMO_DATA[args.endpoint], args.endpoint,
                            args.requests)
-    process, url = start_server(args) if args.url is None else (None, args.url.rstrip("/"))
+    servers = {}  # engine -> (process or None, url)
     try:
-        model_name = health(url)["model"]
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=args.api_key, max_retries=0, timeout=600)
-        one_request(client, args.endpoint, prompts[0], args.max_tokens)
+        if args.url is None:
+            for engine in dict.fromkeys(args.engines):
+                servers[engine] = start_server(args, engine)
+        else:
+            url = args.url.rstrip("/")
+            servers[health(url).get("engine", "server")] = (None, url)
+        model_name = health(next(iter(servers.values()))[1])["model"]
+        clients = {engine: openai.OpenAI(base_url=f"{url}/v1", api_key=args.api_key, max_retries=0, timeout=600)
+                   for engine, (_, url) in servers.items()}
+        for client in clients.values():
+            one_request(client, args.endpoint, prompts[0], args.max_tokens)
         rows = []
-        for clients in args.clients:
-            rows.append(run_level(client, url, args.endpoint, prompts, clients, args.max_tokens))
-            print(f"{clients} clients: {rows[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+        for level in args.clients:
+            for engine, client in clients.items():
+                rows.append({"engine": engine, **run_level(client, args.endpoint, prompts, level, args.max_tokens)})
+                print(f"{engine}, {level} clients: {rows[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr,
+                      flush=True)
     except (OSError, openai.APIConnectionError) as error:
-        raise InputError(f"cannot reach {url}: {error}") from None
+        raise InputError(f"cannot reach the server: {error}") from None
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait()
+        for process, _ in servers.values():
+            if process is not None:
+                process.terminate()
+                process.wait()
     report = table(rows, model_name, args.endpoint, args.max_tokens)
     print(report)
     output = Path(args.output)

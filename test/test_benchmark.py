@@ -382,7 +382,7 @@ def bench_serve_run(monkeypatch, tmp_path, arguments: list[str]) -> dict:
     with monkeypatch.context() as patch:
         patch.setattr(bench_serve.subprocess, "Popen", lambda command, **kwargs: seen["commands"].append(command)
                       or Process())
-        patch.setattr(bench_serve, "health", lambda url: {"model": "tiny", "batches": 0})
+        patch.setattr(bench_serve, "health", lambda url: {"model": "tiny", "engine": "continuous"})
         patch.setattr(bench_serve.openai, "OpenAI", lambda **settings: seen["clients"].append(settings))
         patch.setattr(bench_serve, "one_request", one_request)
         patch.setattr(sys, "argv", ["bench_serve.py", "--output", str(output), *arguments])
@@ -405,14 +405,16 @@ BENCH_SERVE_OPTIONS = {
     "--url": ("http://127.0.0.1:1/", lambda seen: not seen["commands"]
               and seen["clients"][0]["base_url"] == "http://127.0.0.1:1/v1"),
     "--api-key": ("secret", lambda seen: seen["clients"][0]["api_key"] == "secret"),
-    "--requests": ("5", lambda seen: [level["requests"] for level in seen["result"]["levels"]] == [5, 5]),
-    "--clients": ("4", lambda seen: [level["clients"] for level in seen["result"]["levels"]] == [4]),
+    "--engines": ("continuous", lambda seen: [command[command.index("--engine") + 1] for command in seen["commands"]]
+                  == ["continuous"] and [level["engine"] for level in seen["result"]["levels"]] == ["continuous"] * 2),
+    "--requests": ("5", lambda seen: [level["requests"] for level in seen["result"]["levels"]] == [5] * 4),
+    "--clients": ("4", lambda seen: [level["clients"] for level in seen["result"]["levels"]] == [4, 4]),
     "--max-tokens": ("9", lambda seen: {request[2] for request in seen["requests"]} == {9}
                      and seen["result"]["max_tokens"] == 9),
     "--threads": ("1", lambda seen: seen["commands"][0][-2:] == ["--threads", "1"]),
     "--endpoint": ("chat", lambda seen: {request[0] for request in seen["requests"]} == {"chat"}
                    and seen["result"]["endpoint"] == "chat"),
-    "--data": ("{text}", lambda seen: [request[1] for request in seen["requests"][1:4]]
+    "--data": ("{text}", lambda seen: [request[1] for request in seen["requests"][-3:]]
                == first_words(seen["text"], 3)),
 }
 

@@ -568,8 +568,8 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
     },
     "scripts/bench_serve.py": {
         **each("test/test_benchmark.py::test_each_option_reaches_what_bench_serve_measures", (
-            "--model", "--url", "--api-key", "--requests", "--clients", "--max-tokens", "--threads", "--endpoint",
-            "--data")),
+            "--model", "--url", "--engines", "--api-key", "--requests", "--clients", "--max-tokens", "--threads",
+            "--endpoint", "--data")),
         "--output": "test/test_benchmark.py::test_bench_serve_writes_its_table_where_told",
     },
     "scripts/bench_data.py": {
