@@ -153,12 +153,15 @@ def test_stop_strings_end_the_reply_and_are_never_sent(kind, tokenizer, stop, ex
         running.generated([job(tokenizer.encode("hi", add_special_tokens=False), 50, events, stop=stop)])
     (reply,) = replies(events, 1)
     assert "".join(reply["pieces"]) == expected and reply["finish_reason"] == "stop"
-    # Generation ended on the token that completed the stop string, not at the limit (the continuous engine's
-    # manager may have run a step or two before it saw the cancellation).
+    # Generation ended on the token that completed the stop string, not at the limit. The continuous engine's
+    # manager runs on while the cancellation reaches it (a step or two, more on a busy machine).
     completing = next(count for count in range(1, len(tokens) + 1)
                       if any(text in tokenizer.decode(tokens[:count]) for text in stop))
     assert reply["tokens"] == completing
-    assert completing <= len(language_model.calls) <= completing + (2 if kind == "continuous" else 0)
+    if kind == "static":
+        assert len(language_model.calls) == completing
+    else:
+        assert completing <= len(language_model.calls) < 50
 
 
 def test_presence_and_frequency_penalties_count_the_reply_only():
@@ -262,3 +265,26 @@ def test_penalised_and_seeded_requests_take_the_static_path(language_model, toke
     assert stats["batches"] == 3 and stats["completed"] == 3
     assert text(events, 0) == text(static_events) != reference(language_model, tokenizer, prompt, 10)
     assert text(events, 1) == text(events, 2) != ""
+
+
+def test_row_wise_top_k_and_top_p_keep_the_tokens_transformers_keeps():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopKLogitsWarper, ContinuousBatchingTopPLogitsWarper)
+
+    from utils.serving import RowsTopK, RowsTopP
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 100)
+    scores[2, :10] = scores[2, 0]  # ties at the threshold survive in both
+    top_k = torch.tensor([1, 100, 5, 100, 37, 2], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 0.3, 1.0, 0.9, 1e-6, 1.0]).view(torch.int32)
+    for ours, theirs, argument in ((RowsTopK, ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(50)), top_k),
+                                   (RowsTopP, ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(0.5)), top_p)):
+        fast = ours.__new__(ours)
+        fast.__dict__.update(theirs.__dict__)
+        expected = theirs(scores.clone(), argument)
+        assert torch.equal(fast(scores.clone(), argument), expected)
+        assert torch.isinf(expected).any() and torch.isfinite(expected).any(dim=-1).all()
+    # Rows that set no limit are left alone without any work.
+    assert torch.equal(fast(scores, torch.ones(6).view(torch.int32)), scores)

@@ -15,6 +15,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers import (ContinuousBatchingConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList,
                           StoppingCriteria, StoppingCriteriaList, StopStringCriteria, TextStreamer)
+from transformers.generation.continuous_batching.cb_logits_processors import (ContinuousBatchingTopKLogitsWarper,
+                                                                              ContinuousBatchingTopPLogitsWarper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +291,48 @@ class StaticEngine:
 # ----------------------------------------------------------------------------------------------------------------
 # The continuous engine: transformers' continuous-batching manager.
 
+class RowsTopK(ContinuousBatchingTopKLogitsWarper):
+    """transformers' per-request top-k, computed on the rows that limit it only, with `topk` of the largest limit
+    among them instead of a sort of every row: greedy rows (top-k 1) then cost one `topk(1)`, and rows without a
+    limit nothing. The same tokens survive."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_k = tensor_arg[:scores.size(0)].long()
+        rows = torch.nonzero(top_k < scores.size(-1)).squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        limited, k = scores[rows], top_k[rows]
+        thresholds = limited.topk(int(k.max())).values.gather(-1, (k - 1).unsqueeze(-1))
+        return scores.index_copy(0, rows, limited.masked_fill(limited < thresholds, self.filter_value))
+
+
+class RowsTopP(ContinuousBatchingTopPLogitsWarper):
+    """transformers' per-request top-p, computed on the rows with top-p below 1 only (a sort of the vocabulary per row
+    is the costly part). The same tokens survive."""
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        top_p = tensor_arg[:scores.size(0)].view(dtype=torch.float32)
+        rows = torch.nonzero(top_p < 1).squeeze(-1)
+        if rows.numel() == 0:
+            return scores
+        return scores.index_copy(0, rows, super().__call__(scores[rows], tensor_arg[rows]))
+
+
+FASTER_PROCESSORS = {ContinuousBatchingTopKLogitsWarper: RowsTopK, ContinuousBatchingTopPLogitsWarper: RowsTopP}
+
+
+def use_faster_processors(manager) -> None:
+    """Give a manager that has not started yet the row-wise top-k and top-p. Measured on the demo model: sorting every
+    row of the vocabulary twice per step cost more than the forward at 16 requests."""
+    processors = manager.logit_processor.logits_processor
+    for index, processor in enumerate(processors):
+        faster = FASTER_PROCESSORS.get(type(processor))
+        if faster is not None:
+            replacement = faster.__new__(faster)
+            replacement.__dict__.update(processor.__dict__)
+            processors[index] = replacement
+
+
 PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
 MAX_BATCH_TOKENS = 512  # tokens per forward: a long prompt is prefilled in chunks, so decoding never stalls long
 
@@ -320,6 +364,7 @@ class ContinuousEngine:
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
                 per_request_processors=True, page_size=PAGE_SIZE, num_blocks=max_batch_size * pages,
                 max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=max_batch_size))
+        use_faster_processors(self.manager)
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.closing = False
