@@ -11,7 +11,8 @@ benchmark model and the demo's trained models (`--inference-models`) in fp32, in
 eager and with the compiled static-cache step, and with a draft (`--draft`, and the model's own int8 copy) for
 speculative decoding: greedy tokens/s at batch 1 and 8, weights read per token against the streaming-read bandwidth
 measured in the same run, the draft's acceptance rate, perplexity and top-1 agreement on the demo validation text,
-all against transformers' fp32 Llama at the same weights. Last, a GRPO step of `model_rlhf_train.py` against TRL's
+all against transformers' fp32 Llama at the same weights; where llama-cpp-python is installed, llama.cpp on the same
+weights too (exported by scripts/export_gguf.py as f32 and q8_0, batch 1, as many threads as ours). Last, a GRPO step of `model_rlhf_train.py` against TRL's
 GRPOTrainer on the same model, prompts and loss (`--grpo-steps`). Writes `model_info/benchmark.md`
 and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with generation at batch 1 only, for a check
 (`scripts/bench_model.py` runs it on the dense model). Run it alone: on a 2-core machine a second busy process
@@ -28,11 +29,13 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import ctypes  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -51,6 +54,7 @@ from utils.errors import exit_on_input_error  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
+from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.quantize import quantize, weight_bytes  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
@@ -343,10 +347,41 @@ def inference_models(args) -> list[tuple[str, ByteModel, object]]:
     return models
 
 
+LLAMA_CPP_TYPES = ("f32", "q8_0")
+
+
+def gguf_files(byte: ByteModel, tokenizer, folder: Path) -> dict[str, Path]:
+    """`byte` exported by scripts/export_gguf.py in each of LLAMA_CPP_TYPES, where llama-cpp-python is installed to
+    run them (none otherwise)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {}
+    byte.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    files = {}
+    for dtype in LLAMA_CPP_TYPES:
+        files[dtype] = folder / f"model-{dtype}.gguf"
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "export_gguf.py"), "--model",
+                        str(folder / "model"), "--out", str(files[dtype]), "--dtype", dtype], check=True,
+                       stdout=subprocess.DEVNULL)
+    return files
+
+
+def llama_cpp_generator(llm, prompt: torch.Tensor, new_tokens: int, outputs: dict, name: str):
+    """A measure: llama.cpp's greedy decoding of exactly `new_tokens` tokens after the one-row `prompt`."""
+    def measure() -> float:
+        start = time.perf_counter()
+        tokens = greedy(llm, prompt[0].tolist(), new_tokens)
+        seconds = time.perf_counter() - start
+        outputs[name] = torch.cat([prompt[0], torch.tensor(tokens)])[None]
+        return seconds
+    return measure
+
+
 def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | None, args) -> list[dict]:
     """Greedy generation speed, weights read per token and text quality of `byte` in fp32 and quantized, eager and
     with the compiled static-cache step, with and without a draft, against transformers' Llama at the same weights
-    in the same run."""
+    in the same run; at batch 1 also llama.cpp on the same weights (f32 and q8_0 GGUF files), with as many threads as
+    ours."""
     # Compiled steps of earlier models would count against dynamo's recompile limit (8 per function), past which
     # it silently runs eager.
     torch._dynamo.reset()
@@ -374,6 +409,12 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
                             else text_quality(model, inputs, targets))
         quality[model_name] = (ppl, (predictions == reference_predictions).float().mean().item())
     rows = []
+    scratch = tempfile.TemporaryDirectory()
+    # variant: (llama.cpp model, its file's bytes)
+    yardsticks = {f"llama.cpp {dtype}": (open_gguf(path, args.prompt_len + args.inference_new_tokens,
+                                                   torch.get_num_threads()), path.stat().st_size)
+                  for dtype, path in gguf_files(byte, tokenizer, Path(scratch.name)).items()} \
+        if 1 in args.generate_batches else {}
     for batch_size in args.generate_batches:
         prompt = prompts[:batch_size] if len(prompts) >= batch_size else prompts[[0] * batch_size]
         outputs, calls = {}, {}
@@ -394,36 +435,43 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
             measure = generator_for(models[model_name], prompt, args.inference_new_tokens, "fp32", outputs, variant,
                                     static=static, draft=assistant)
             measures[variant] = counted(variant, measure, models[model_name], assistant) if assistant else measure
+        if batch_size == 1:
+            for variant, (llm, _) in yardsticks.items():
+                measures[variant] = llama_cpp_generator(llm, prompt, args.inference_new_tokens, outputs, variant)
         timed = alternate(measures, args.generate_rounds)
         tokens = batch_size * args.inference_new_tokens
         their = timed["Llama fp32"].rate(tokens)
         for variant, measured in timed.items():
-            model_name, _, assistant = runs[variant]
-            target = models[model_name]
+            model_name, _, assistant = runs.get(variant, (None, False, None))
+            weights = yardsticks[variant][1] if variant in yardsticks else sizes[id(models[model_name])]
             # Without a draft, every token takes one forward pass (the first one reads the prompt too).
             target_calls, draft_calls = calls.get(variant, (args.inference_new_tokens, 0))
-            read = sizes[id(target)] * target_calls
+            read = weights * target_calls
             acceptance = None
             if assistant is not None:
                 read += sizes[id(assistant)] * draft_calls
                 # Every target forward yields one token of its own; the rest were the draft's, accepted.
                 acceptance = (args.inference_new_tokens - target_calls) / max(1, draft_calls)
             rate = measured.rate(tokens)
-            ppl, agreement = quality[model_name]
+            ppl, agreement = quality.get(model_name, (None, None))
             row = {"model": name, "variant": variant, "batch": batch_size, "tokens_per_s": rate,
                    "ms_per_token": 1e3 / rate, "ratio": rate / their, "acceptance": acceptance,
-                   "weight_mib": sizes[id(target)] / 2**20, "read_mib_per_token": read / tokens / 2**20,
+                   "weight_mib": weights / 2**20, "read_mib_per_token": read / tokens / 2**20,
                    "read_gb_per_s": read / tokens * rate / 1e9,
                    "tokens_equal_fp32": bool(torch.equal(outputs[variant], outputs["ByteModel fp32"])),
-                   "ppl": ppl, "ppl_change": ppl / reference_ppl - 1, "top1_agreement": agreement,
+                   "ppl": ppl, "ppl_change": None if ppl is None else ppl / reference_ppl - 1,
+                   "top1_agreement": agreement,
                    "peak_memory_mib": measured.peak_mib}
             rows.append(row)
             print(f"  b{batch_size} {variant:34} {rate:7.1f} tok/s {1e3 / rate:6.1f} ms/token  x{rate / their:.2f}  "
                   f"{row['weight_mib']:6.1f} MiB  read {row['read_mib_per_token']:6.1f} MiB/token "
                   f"({row['read_gb_per_s']:5.1f} GB/s)  "
                   + (f"accepted {acceptance:.2f}  " if acceptance is not None else "")
-                  + f"ppl {ppl:.2f} ({100 * row['ppl_change']:+.2f}%)  top-1 {agreement:.3f}  "
-                  f"same tokens as fp32: {row['tokens_equal_fp32']}")
+                  + (f"ppl {ppl:.2f} ({100 * row['ppl_change']:+.2f}%)  top-1 {agreement:.3f}  " if ppl else "")
+                  + f"same tokens as fp32: {row['tokens_equal_fp32']}")
+    for llm, _ in yardsticks.values():
+        llm.close()
+    scratch.cleanup()
     return rows
 
 
@@ -563,7 +611,9 @@ def markdown(result: dict) -> str:
                   f"{result['stream_read_gb_per_s']:.1f} GB/s from memory in the same run. Accepted: the share of "
                   "draft tokens the model kept. Perplexity and top-1 agreement (with the fp32 model's next-token "
                   f"predictions) on {result['settings']['quality_windows']} windows of 256 tokens of "
-                  f"{', '.join(result['settings']['val_files'])}; a speculative row shows its target's.", "",
+                  f"{', '.join(result['settings']['val_files'])}; a speculative row shows its target's. llama.cpp rows: "
+                  "the same weights exported by scripts/export_gguf.py, decoded by llama.cpp's greedy sampler with "
+                  "as many threads; their weights are the GGUF file's size.", "",
                   "| model | variant | batch | tokens/s | ms/token | ratio | accepted | weights | read per token | "
                   "GB/s | same tokens as fp32 | perplexity | top-1 agreement |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -573,7 +623,8 @@ def markdown(result: dict) -> str:
                          f"{row['ms_per_token']:.1f} | {row['ratio']:.2f} | {accepted} | "
                          f"{row['weight_mib']:.1f} MiB | {row['read_mib_per_token']:.1f} MiB | "
                          f"{row['read_gb_per_s']:.1f} | {'yes' if row['tokens_equal_fp32'] else 'no'} | "
-                         f"{row['ppl']:.2f} ({100 * row['ppl_change']:+.2f}%) | {row['top1_agreement']:.3f} |")
+                         + ("| |" if row["ppl"] is None else f"{row['ppl']:.2f} ({100 * row['ppl_change']:+.2f}%) | "
+                                                            f"{row['top1_agreement']:.3f} |"))
         lines.append("")
     lines += [f"Settings: {json.dumps(result['settings'])}", ""]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """scripts/benchmark.py's inference rows: on tiny models, what each row claims must follow from what ran."""
 
 import argparse
+import importlib.util
 import json
 import runpy
 import sys
@@ -40,14 +41,32 @@ def rows(tmp_path_factory):
         return target, draft, benchmark.inference_rows("tiny", target, tokenizer, draft, args)
 
 
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
 def test_inference_rows_cover_every_variant_and_batch(rows):
-    """Batch 1 has the reference, fp32, int8, int4 and both speculative rows; batch 2 no speculative ones
-    (assisted generation takes one sequence)."""
+    """Batch 1 has the reference, fp32, int8, int4, both speculative rows and llama.cpp's (where it is installed);
+    batch 2 no speculative or llama.cpp ones (assisted generation takes one sequence; llama.cpp is the batch-1
+    yardstick)."""
     _, _, rows = rows
     by_batch = {batch: [row["variant"] for row in rows if row["batch"] == batch] for batch in (1, 2)}
     assert by_batch[1] == ["Llama fp32", "ByteModel fp32", "ByteModel int8", "ByteModel int4",
-                           "ByteModel fp32 + draft", "ByteModel fp32 + int8 self-draft"]
+                           "ByteModel fp32 + draft", "ByteModel fp32 + int8 self-draft"] + (
+        ["llama.cpp f32", "llama.cpp q8_0"] if LLAMA_CPP else [])
     assert by_batch[2] == by_batch[1][:4]
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (its build needs a compiler)")
+def test_llama_cpp_rows_run_the_exported_weights(rows):
+    """llama.cpp's f32 file decodes the fp32 tokens; each row reads its file's weights once per token."""
+    _, _, rows = rows
+    llama = {row["variant"]: row for row in rows if row["variant"].startswith("llama.cpp")}
+    fp32 = next(row for row in rows if row["variant"] == "ByteModel fp32" and row["batch"] == 1)
+    assert llama["llama.cpp f32"]["tokens_equal_fp32"]
+    # The f32 file holds the fp32 weights and the tokenizer (a few hundred KiB); q8_0 about a quarter of them.
+    assert fp32["weight_mib"] <= llama["llama.cpp f32"]["weight_mib"] < fp32["weight_mib"] + 0.5
+    assert llama["llama.cpp q8_0"]["weight_mib"] < 0.4 * fp32["weight_mib"]
+    assert all(row["ppl"] is None and row["tokens_per_s"] > 0 for row in llama.values())
 
 
 def test_inference_rows_are_consistent(rows):
@@ -194,6 +213,7 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
         patch.setattr(benchmark, "alternate", alternate)
         patch.setattr(benchmark, "measure_peak_flops", lambda device, dtype: 1e12)
         patch.setattr(benchmark, "stream_read_bandwidth", lambda: 1e10)
+        patch.setattr(benchmark, "gguf_files", lambda *args: {})  # the llama.cpp rows: tested on `rows` above
         patch.setattr(benchmark, "trainer_for", timed_training)
         patch.setattr(benchmark, "generator_for", recorded(benchmark.generator_for, new_tokens=2))
         patch.setattr(benchmark, "reference_for", referenced)

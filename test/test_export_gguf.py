@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 
 from helpers import MULTI_TURNS, ROOT, TWO_TURNS, randomize_, run_script_main, tiny_config
 from model import ByteModel
+from utils.llama_cpp_runner import greedy, open_gguf
 sys.path.insert(0, str(ROOT / "scripts"))
 from export_gguf import main, rope_pairs  # noqa: E402
 
@@ -249,32 +250,12 @@ def llama_cpp():
 
 
 def load(llama_cpp, path: Path):
-    # Keys and values cached in f32 (llama.cpp's default is f16), so that an f32 file computes in f32 throughout.
     # One thread: for models this small, waiting for a second thread costs more than it saves on a busy machine.
-    # No weight repacking: with it, llama.cpp decoding these q8_0 files crashes on an Intel Xeon with AMX.
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=MAX_POSITIONS, logits_all=True, verbose=False,
-                               n_threads=1, n_threads_batch=1, seed=0, type_k=0, type_v=0)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    return open_gguf(path, MAX_POSITIONS, threads=1, all_logits=True)
 
 
 def llama_greedy(llm, prompt: list[int]) -> list[int]:
-    llm.reset()
-    llm.eval(prompt)
-    tokens = []
-    for _ in range(NEW_TOKENS):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval(tokens[-1:])
-    return tokens
+    return greedy(llm, prompt, NEW_TOKENS)
 
 
 @torch.no_grad()
