@@ -5,6 +5,7 @@ Dense: ByteModel (eager and `torch.compile`d) against `LlamaForCausalLM`; MoE: B
 training tokens/s (forward, backward, fused AdamW step) with the model FLOPs utilisation against the matrix-multiply
 peak measured here in the same run, greedy generation tokens/s at batch 1 and batch 8 (`--new-tokens`, 512 by
 default; ByteModel also with its static cache and compiled decode step, whose tokens must equal the eager ones),
+a sampled generation at batch 16 (temperature 1 over the whole vocabulary: a GRPO rollout's shape, `--sample-batch`),
 peak memory of each measurement, and every ratio against transformers. Pairs are measured in alternating rounds
 and the median round counts, so drift of a shared machine hits both sides alike. Then the inference rows: the
 benchmark model and the demo's trained models (`--inference-models`) in fp32, int8 and int4 (`utils/quantize.py`),
@@ -61,7 +62,7 @@ DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attentio
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
 # Defaults under --quick.
-QUICK = dict(compile=False, generate_batches=[1], new_tokens=64, inference_models=[], grpo_steps=0)
+QUICK = dict(compile=False, generate_batches=[1], sample_batch=0, new_tokens=64, inference_models=[], grpo_steps=0)
 
 
 def machine() -> str:
@@ -169,11 +170,12 @@ def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, ste
 
 
 def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, precision: str, outputs: dict,
-                  name: str, static: bool = False, draft: torch.nn.Module | None = None):
-    """A measure: one greedy `generate` of exactly `new_tokens` tokens, with `draft` as the assistant model of
-    speculative decoding if given."""
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              eos_token_id=None, pad_token_id=0, cache_implementation="static" if static else None)
+                  name: str, static: bool = False, draft: torch.nn.Module | None = None, sample: bool = False):
+    """A measure: one `generate` of exactly `new_tokens` tokens, greedy or (`sample`) sampled at temperature 1 from the
+    whole distribution, with `draft` as the assistant model of speculative decoding if given."""
+    config = GenerationConfig(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                              cache_implementation="static" if static else None)
 
     def measure() -> float:
         model.eval()
@@ -242,16 +244,22 @@ def run(args) -> dict:
                                        "ratio": rate / their})
                 print(f"  train {precision:5} {name:20} {rate:9.0f} tok/s  MFU {rate * flops / peaks[precision]:.2f}"
                       f"  +{measured.peak_mib:6.0f} MiB  x{rate / their:.2f}")
-        for batch_size in args.generate_batches:
+        # (batch, sampled): greedy at each --generate-batches, and the shape of a GRPO rollout, sampled.
+        decodes = [(batch_size, False) for batch_size in args.generate_batches] + (
+            [(args.sample_batch, True)] if args.sample_batch else [])
+        for batch_size, sample in decodes:
             prompt = torch.randint(0, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
+            task = f"{'sample' if sample else 'generate'} b{batch_size}"
             for precision in precisions:
                 outputs = {}
-                measures = {"ByteModel": generator_for(byte, prompt, args.new_tokens, precision, outputs, "ByteModel"),
+                measures = {"ByteModel": generator_for(byte, prompt, args.new_tokens, precision, outputs, "ByteModel",
+                                                       sample=sample),
                             reference_name: generator_for(reference, prompt, args.new_tokens, precision, outputs,
-                                                          reference_name)}
+                                                          reference_name, sample=sample)}
                 # The compiled decode step runs where ByteModel uses it: dense models, and not under bf16 autocast
                 # on a CPU (measured slower there); MoE generation stays eager (data-dependent dispatch).
-                if args.compile and kind == "dense" and (precision == "fp32" or torch.cuda.is_available()):
+                if args.compile and kind == "dense" and not sample \
+                        and (precision == "fp32" or torch.cuda.is_available()):
                     measures["ByteModel static+compiled"] = generator_for(
                         byte, prompt, args.new_tokens, precision, outputs, "ByteModel static+compiled", static=True)
                 timed = alternate(measures, args.generate_rounds)
@@ -259,17 +267,18 @@ def run(args) -> dict:
                 their = timed[reference_name].rate(tokens)
                 for name, measured in timed.items():
                     rate = measured.rate(tokens)
-                    same = bool(torch.equal(outputs[name], outputs[reference_name]))
-                    own = bool(torch.equal(outputs[name], outputs["ByteModel"]))
                     shape = f"{batch_size}x{args.prompt_len}+{args.new_tokens}"
-                    result["rows"].append({"model": kind, "task": f"generate b{batch_size}", "precision": precision,
-                                           "variant": name, "batch": shape,
-                                           "tokens_per_s": rate, "ms_per_step": 1e3 * batch_size / rate,
-                                           "peak_memory_mib": measured.peak_mib, "ratio": rate / their,
-                                           "tokens_equal_reference": same, "tokens_equal_eager": own})
-                    print(f"  generate b{batch_size} {precision:5} {name:26} {rate:8.1f} tok/s "
-                          f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}  same tokens as "
-                          f"{reference_name}: {same}, as eager: {own}")
+                    row = {"model": kind, "task": task, "precision": precision, "variant": name, "batch": shape,
+                           "tokens_per_s": rate, "ms_per_step": 1e3 * batch_size / rate,
+                           "peak_memory_mib": measured.peak_mib, "ratio": rate / their}
+                    if not sample:  # sampled tokens differ between any two runs
+                        row.update(tokens_equal_reference=bool(torch.equal(outputs[name], outputs[reference_name])),
+                                   tokens_equal_eager=bool(torch.equal(outputs[name], outputs["ByteModel"])))
+                    result["rows"].append(row)
+                    print(f"  {task} {precision:5} {name:26} {rate:8.1f} tok/s "
+                          f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}"
+                          + ("" if sample else f"  same tokens as {reference_name}: "
+                                               f"{row['tokens_equal_reference']}, as eager: {row['tokens_equal_eager']}"))
         del byte, reference
     run_inference(args, result)
     grpo_rows(args, result)
@@ -641,6 +650,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sample-batch", type=int, default=16,
+                        help="a sampled generation row at this batch, temperature 1 (a GRPO rollout's shape; 0: none)")
     parser.add_argument("--generate-rounds", type=int, default=2)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the compiled variants (each pays a one-off compile)")

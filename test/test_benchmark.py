@@ -259,6 +259,10 @@ OPTIONS = {
     "--new-tokens": (["4"], lambda seen: shapes(seen, "generate") == {"1x4+4"}),
     "--generate-batches": (["2"], lambda seen: {row["batch"] for row in seen["result"]["inference"]} == {2}),
     "--generate-rounds": (["2"], lambda seen: seen["rounds"]["generate"] == {2}),
+    # Sampled at batch 3 (16 by default) on both models, tokens not compared (sampling differs run to run).
+    "--sample-batch": (["3"], lambda seen: shapes(seen, "sample") == {"3x4+3"} and {
+        (row["variant"], "tokens_equal_eager" in row) for row in seen["result"]["rows"] if row["task"] == "sample b3"}
+        == {("ByteModel", False), ("Llama", False)}),
     "--no-compile": ([], lambda seen: not any("compiled" in variant for variant in variants(seen))),
     "--inference-models": (["dense"], lambda seen: models(seen, "inference") == {"dense"}),
     "--quantize": (["int4"], lambda seen: "ByteModel int4" in variants(seen, "inference")),
