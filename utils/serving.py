@@ -7,6 +7,7 @@ each produces through the job's `sink`, from their own threads.
 """
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -318,12 +319,27 @@ class RowsTopP(ContinuousBatchingTopPLogitsWarper):
         return scores.index_copy(0, rows, super().__call__(scores[rows], tensor_arg[rows]))
 
 
+class InverseCdfSampling(LogitsProcessor):
+    """Draws each row's token from its distribution by inverse transform sampling (a uniform number looked up in the
+    cumulative probabilities) and leaves only that token standing, so that an argmax takes it. torch.multinomial,
+    which the manager samples with, draws one exponential number per vocabulary entry: 2 ms a step for 16 rows of
+    6400 tokens here, against 0.04 ms for this."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cumulative = scores.softmax(dim=-1).cumsum(dim=-1)
+        # Scaled by each row's total, so that rounding in the sum never points past the last likely token.
+        draw = torch.rand(scores.shape[0], 1, device=scores.device) * cumulative[:, -1:]
+        tokens = torch.searchsorted(cumulative, draw, right=True).clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+
+
 FASTER_PROCESSORS = {ContinuousBatchingTopKLogitsWarper: RowsTopK, ContinuousBatchingTopPLogitsWarper: RowsTopP}
 
 
-def use_faster_processors(manager) -> None:
-    """Give a manager that has not started yet the row-wise top-k and top-p. Measured on the demo model: sorting every
-    row of the vocabulary twice per step cost more than the forward at 16 requests."""
+def use_faster_sampling(manager) -> None:
+    """Give a manager that has not started yet the row-wise top-k and top-p and inverse transform sampling, which then
+    picks its tokens by argmax (it reads `do_sample` when it starts). Measured on the demo model at 16 requests:
+    sorting every row of the vocabulary twice per step and torch.multinomial together cost more than the forward."""
     processors = manager.logit_processor.logits_processor
     for index, processor in enumerate(processors):
         faster = FASTER_PROCESSORS.get(type(processor))
@@ -331,6 +347,8 @@ def use_faster_processors(manager) -> None:
             replacement = faster.__new__(faster)
             replacement.__dict__.update(processor.__dict__)
             processors[index] = replacement
+    processors.append(InverseCdfSampling())
+    manager.generation_config.do_sample = False
 
 
 PAGE_SIZE = 256  # tokens per KV-cache page (transformers' default)
@@ -364,7 +382,7 @@ class ContinuousEngine:
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
                 per_request_processors=True, page_size=PAGE_SIZE, num_blocks=max_batch_size * pages,
                 max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=max_batch_size))
-        use_faster_processors(self.manager)
+        use_faster_sampling(self.manager)
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.closing = False
