@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+import bench_moe
 import model_pretrain
-from model import ByteMoELayer, moe_layers
+from model import ByteModelConfig
 from test_moe import make_layer
 from training import make_config
 from utils.distributed import init_distributed, teardown
@@ -83,9 +84,10 @@ def layer_check(size: int, context) -> dict:
                                         for name, grad in replicated.items())),
         "expert_grads": largest(max(scaled_difference(grad, getattr(reference.experts, name).grad[local])
                                     for name, grad in expert_grads.items())),
-        "top_k_and_counts_exact": largest(float(not torch.equal(layer.gate(x)[3], indices[rows])
-                                                or not torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=4))
-                                                or (experts.tokens_sent, experts.tokens_received) != (sent, received))) == 0,
+        "top_k_and_counts_exact": largest(float(
+            not torch.equal(layer.gate(x)[3], indices[rows])
+            or not torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=4))
+            or (experts.tokens_sent, experts.tokens_received) != (sent, received))) == 0,
     }
 
 
@@ -163,6 +165,9 @@ def main() -> None:
     result = {f"layer_ep{size}": layer_check(size, context) for size in ((2,) if world == 2 else (2, 4))}
     if world == 2:
         result["ddp"] = training_check(folder, "ddp", (1, 2), ((2, 1), (1, 2)))
+        tiny = ByteModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+        result["bench"] = bench_moe.expert_parallel_rows(tiny, batch_size=2, seq_len=8, steps=1, rounds=1)
     else:
         result["fsdp"] = training_check(folder, "fsdp", (1, 2), ((2, 1), (1, 2), (2, 4)))
     if context.is_main:

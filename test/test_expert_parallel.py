@@ -1,6 +1,7 @@
 """utils/expert_parallel.py: the reordering of exchanged rows (single process, exact), the refusals, and under
 torchrun with gloo (2 and 4 processes, one launch each) the MoE layer, DDP and FSDP2 training and checkpoints
-at several expert-parallel sizes against the same work without expert parallelism."""
+at several expert-parallel sizes against the same work without expert parallelism (and bench_moe's
+expert-parallel rows)."""
 
 import json
 import subprocess
@@ -74,10 +75,11 @@ def test_a_refusal_is_one_line_and_exit_2():
 
 
 def launch(tmp_path: Path, processes: int) -> dict:
-    """test/expert_parallel_runs.py under torchrun; what rank 0 measured."""
+    """test/expert_parallel_runs.py under torchrun (scripts/ importable for bench_moe); what rank 0 measured."""
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                     str(ROOT / "test" / "expert_parallel_runs.py"), str(tmp_path)], cwd=ROOT,
-                   env=script_environment(ROOT / "test"), check=True, timeout=300, capture_output=True)
+                   env=script_environment(ROOT / "test", ROOT / "scripts"), check=True, timeout=300,
+                   capture_output=True)
     return json.loads((tmp_path / f"world_{processes}.json").read_text())
 
 
@@ -101,6 +103,9 @@ def test_two_processes_layer_ddp_training_and_resume_across_sizes(tmp_path):
     measured = launch(tmp_path, 2)
     assert_layer_equal(measured["layer_ep2"])
     assert_training_equal(measured["ddp"], 2)
+    bench = measured["bench"]  # scripts/bench_moe.py's expert-parallel rows, on a tiny model
+    assert bench["ep1"]["tokens_per_s"] > 0 and bench["ep2"]["tokens_per_s"] > 0
+    assert max(bench["ep2"]["state_mib_per_process"]) < min(bench["ep1"]["state_mib_per_process"])
 
 
 @pytest.mark.slow

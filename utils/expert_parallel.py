@@ -155,7 +155,8 @@ class ExpertParallel:
         contributes its slice)."""
         experts = [parameter for parameter in self.parameters() if parameter.grad is not None]
         ids = {id(parameter) for parameter in self.parameters()}
-        others = [parameter for parameter in model.parameters() if parameter.grad is not None and id(parameter) not in ids]
+        others = [parameter for parameter in model.parameters()
+                  if parameter.grad is not None and id(parameter) not in ids]
         expert_square = _local(torch.nn.utils.get_total_norm([p.grad for p in experts])).square()
         dist.all_reduce(expert_square, group=self.group)
         total = (_local(torch.nn.utils.get_total_norm([p.grad for p in others])).square() + expert_square).sqrt()
