@@ -62,22 +62,23 @@ class ExpertParallelExperts(ByteExperts):
         nn.Module.__init__(self)
         self.num_experts, self.num_local_experts = experts.num_experts, experts.num_experts // size
         self.first_expert = index * self.num_local_experts
-        self.group, self.size = group, size
+        self.group, self.index, self.size = group, index, size
         for name in EXPERT_WEIGHTS:
             weight = getattr(experts, name).detach()[self.first_expert:self.first_expert + self.num_local_experts]
             setattr(self, name, nn.Parameter(weight.clone()))
         self.tokens_sent = self.tokens_received = 0  # token-slots to and from the other processes, while training
 
     def run_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # x is sorted by global expert, and the experts of a process are consecutive: the rows for each process
+        # are already one block. The counts travel first, since the receivers need them to size the exchange.
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(self.size, self.num_local_experts)
         send_splits = counts.view(self.size, -1).sum(dim=1).tolist()
         receive_splits = received.sum(dim=1).tolist()
         if self.training:
-            index = dist.get_rank(self.group)
-            self.tokens_sent += sum(send_splits) - send_splits[index]
-            self.tokens_received += sum(receive_splits) - receive_splits[index]
+            self.tokens_sent += sum(send_splits) - send_splits[self.index]
+            self.tokens_received += sum(receive_splits) - receive_splits[self.index]
         rows = all_to_all_single_autograd(x, receive_splits, send_splits, self.group)
         order = order_by_local_expert(received)
         out = super().run_experts(rows[order], received.sum(dim=0))
