@@ -91,9 +91,9 @@ def layer_check(size: int, context) -> dict:
     }
 
 
-def trainer(folder: Path, name: str, size: int, strategy: str, resume: str | None = None) -> Trainer:
+def trainer(folder: Path, name: str, size: int, strategy: str, resume: str | None = None, **train) -> Trainer:
     config = make_config(folder / name, folder / "cache", model=MOE,
-                         train={"max_steps": 3, "strategy": strategy, "expert_parallel_size": size})
+                         train={"max_steps": 3, "strategy": strategy, "expert_parallel_size": size, **train})
     return Trainer(config, model_pretrain.PRETRAINING, resume)
 
 
@@ -135,7 +135,7 @@ def training_check(folder: Path, strategy: str, sizes: tuple[int, int], resumes:
         run.metrics.close()
         resaved[saved, resumed] = same_checkpoint(folder / f"{strategy}_ep{saved}" / "checkpoints" / "step_3",
                                          folder / f"{strategy}_ep{saved}_as_ep{resumed}" / "checkpoints" / "step_3")
-    return {"losses": max(abs(x[0] - y[0]) for x, y in zip(losses[a], losses[b])),
+    return {"steps": losses[a], "losses": max(abs(x[0] - y[0]) for x, y in zip(losses[a], losses[b])),
             "grad_norms": max(abs(x[1] - y[1]) / x[1] for x, y in zip(losses[a], losses[b])),
             "weights": max((states[a][name] - states[b][name]).abs().max().item() for name in states[a]),
             "bias_exact": bias, "bias_moved": any(states[a][name].abs().sum() > 0 for name in states[a]
@@ -165,6 +165,10 @@ def main() -> None:
     result = {f"layer_ep{size}": layer_check(size, context) for size in ((2,) if world == 2 else (2, 4))}
     if world == 2:
         result["ddp"] = training_check(folder, "ddp", (1, 2), ((2, 1), (1, 2)))
+        # Recomputing a layer in the backward pass exchanges its tokens again, in the same order on every process.
+        run = trainer(folder, "ddp_ep2_checkpointing", 2, "ddp", gradient_checkpointing=True)
+        result["ddp"]["checkpointing"] = max(abs(x[0] - y[0]) for x, y in zip(three_steps(run), result["ddp"]["steps"]))
+        run.metrics.close()
         tiny = ByteModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
         result["bench"] = bench_moe.expert_parallel_rows(tiny, batch_size=2, seq_len=8, steps=1, rounds=1)
