@@ -67,13 +67,18 @@ class ByteExperts(nn.Module):
             rank = torch.arange(slots.shape[0], device=slots.device) - group_start[sorted_experts]
             slots = slots[rank < capacity]
             counts = counts.clamp(max=capacity)
-        offsets = torch.cumsum(counts, 0)
-        gate, up = grouped_linear(hidden_states[slots // top_k], self.gate_up_proj, offsets).chunk(2, dim=-1)
-        out = grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
+        out = self.run_experts(hidden_states[slots // top_k], counts)
         out = out * top_k_weights.reshape(-1)[slots, None].to(out.dtype)
         # Back to (token, slot) order; dropped slots stay zero. Summing over slots is deterministic, unlike index_add_.
         combined = out.new_zeros(num_tokens * top_k, hidden_states.shape[-1]).index_copy(0, slots, out)
         return combined.view(num_tokens, top_k, -1).sum(dim=1)
+
+    def run_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by expert, counts[e] of them for expert e, each through its expert's SwiGLU. The seam
+        where expert parallelism (utils/expert_parallel.py) sends the rows to the process that holds their expert."""
+        offsets = torch.cumsum(counts, 0)
+        gate, up = grouped_linear(x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, offsets)
 
 
 class ByteRouter(nn.Module):

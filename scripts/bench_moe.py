@@ -6,6 +6,12 @@
    training tokens/s (forward + backward + AdamW step), with the routing bias at zero so both compute the same
    function (checked: logits equal before timing).
 
+3. Under torchrun (`torchrun --standalone --nproc_per_node=2 scripts/bench_moe.py`): the same model trained by
+   every process under DDP, with every process holding all experts (expert parallelism 1) against the experts split
+   over all processes (expert parallelism = processes), fp32: tokens/s of all processes together, and per process
+   the memory of its weights, gradients and AdamW moments and the peak growth of its resident memory in a step.
+   Written beside `--output` as NAME_expert_parallel.json.
+
 Each pair is measured in alternating rounds (median), in fp32 and, where the hardware runs it natively, in bf16
 autocast. Prints a table and writes the figures as JSON. Run it alone: a second busy process on a 2-core machine
 distorts every number.
@@ -22,6 +28,8 @@ from transformers import MixtralForCausalLM
 from benchmark import alternate, autocast_for, trainer_for
 from model import ByteModel, ByteModelConfig, mixtral_state_dict
 from model.moe import reference_moe_forward
+from utils.distributed import all_gather_objects, init_distributed, rank_and_world_size, teardown, wrap_model
+from utils.expert_parallel import ExpertParallel
 
 
 def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, precision: str, repeats: int) -> float:
@@ -39,6 +47,36 @@ def precisions() -> list[str]:
     return ["fp32"] + (["bf16"] if torch.cpu._is_avx512_bf16_supported() else [])
 
 
+def expert_parallel_rows(config: ByteModelConfig, batch_size: int, seq_len: int, steps: int, rounds: int) -> dict:
+    """Collective (under torchrun): DDP training tokens/s of all processes, expert parallelism 1 against the number
+    of processes, and each process's memory for both."""
+    context = init_distributed("cpu")
+    sizes = (1, context.world_size)
+    batch = torch.randint(0, config.vocab_size, (batch_size, seq_len),
+                          generator=torch.Generator().manual_seed(1 + context.rank))
+    measures, state_mib = {}, {}
+    for size in sizes:
+        torch.manual_seed(0)
+        model = ByteModel(config)
+        if size > 1:
+            parallel = ExpertParallel(size, context)
+            wrapped = parallel.wrap(parallel.shard(model), "ddp")
+        else:
+            parallel, wrapped = None, wrap_model(model, "ddp", context)
+        # Weights, their gradients and AdamW's two moments, all fp32.
+        state_mib[size] = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        measures[f"ep{size}"] = trainer_for(wrapped, batch, "fp32", steps,
+                                            after_backward=parallel.reduce_gradients if parallel else None)
+    timed = alternate(measures, rounds)
+    tokens = steps * batch.numel() * context.world_size
+    rows = {f"ep{size}": {"tokens_per_s": timed[f"ep{size}"].rate(tokens),
+                          "state_mib_per_process": all_gather_objects(state_mib[size], context),
+                          "peak_growth_mib_per_process": all_gather_objects(timed[f"ep{size}"].peak_mib, context)}
+            for size in sizes}
+    teardown(context)
+    return {"processes": context.world_size, **rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -54,13 +92,20 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="optimizer steps per round")
     parser.add_argument("--layer-repeats", type=int, default=5, help="layer forward+backward passes per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", default="model_info/bench_moe.json")
+    parser.add_argument("--output", default="model_info/bench_moe.json",
+                        help="(under torchrun: NAME_expert_parallel.json beside it)")
     args = parser.parse_args()
 
     config = ByteModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                              num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                              max_position_embeddings=max(1024, args.seq_len), num_experts=args.experts,
                              num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_size)
+    rank, processes = rank_and_world_size()
+    if processes > 1:
+        result = expert_parallel_rows(config, args.batch_size, args.seq_len, args.train_steps, args.rounds)
+        if rank == 0:
+            print_expert_parallel(result, Path(args.output))
+        return
     torch.manual_seed(0)
     byte_model = ByteModel(config)
     mixtral = MixtralForCausalLM._from_config(config.to_mixtral_config(), attn_implementation="sdpa")
@@ -108,6 +153,18 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def print_expert_parallel(result: dict, output: Path) -> None:
+    print(f"{result['processes']} processes, DDP, fp32{'':8}{'tok/s':>10}{'state MiB':>12}{'peak +MiB':>12}  "
+          f"(per process)")
+    for name in ("ep1", f"ep{result['processes']}"):
+        row = result[name]
+        print(f"expert parallelism {name[2:]:<16}{row['tokens_per_s']:10.0f}"
+              f"{max(row['state_mib_per_process']):12.1f}{max(row['peak_growth_mib_per_process']):12.1f}")
+    output = output.with_name(f"{output.stem}_expert_parallel.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -151,8 +151,10 @@ def autocast_for(precision: str):
     return autocast(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
-def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, steps: int, compiled: bool = False):
-    """A measure: `steps` training steps (forward, backward, fused AdamW) at lr 0, so weights stay equal."""
+def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, steps: int, compiled: bool = False,
+                after_backward=None):
+    """A measure: `steps` training steps (forward, backward, `after_backward()`, fused AdamW) at lr 0, so weights
+    stay equal."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     forward = torch.compile(model) if compiled else model
 
@@ -163,6 +165,8 @@ def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, ste
             with autocast_for(precision):
                 loss = forward(input_ids=batch, labels=batch).loss
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

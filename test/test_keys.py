@@ -406,6 +406,9 @@ TRAINING = {
     "--train.gradient_checkpointing": ROWS["train.gradient_checkpointing"],
     "--train.device": ROWS["train.device"],
     "--train.max_bad_steps": TRAINER + "test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights",
+    "--train.expert_parallel_size": (
+        "test/test_expert_parallel.py::test_refusals_of_the_training_config",
+        "test/test_expert_parallel.py::test_two_processes_layer_ddp_training_and_resume_across_sizes"),
     "--optim.lr": "test/test_optim.py::test_adamw_steps_equal_torchs_with_the_configured_decay_and_betas",
     "--optim.min_lr": "test/test_optim.py::test_schedule_warms_up_then_decays_to_min_lr",
     "--optim.warmup_steps": "test/test_optim.py::test_schedule_warms_up_then_decays_to_min_lr",

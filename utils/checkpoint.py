@@ -133,12 +133,20 @@ def _step(folder: Path) -> int:
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: str | Path, keep_last: int, context: DistributedContext):
+    def __init__(self, out_dir: str | Path, keep_last: int, context: DistributedContext, expert_parallel=None):
         if keep_last < 1:
             raise InputError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last = keep_last
         self.context = context
+        self.expert_parallel = expert_parallel  # an ExpertParallel: the files hold every expert, each process a slice
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective. The full model state (on the main process), experts global."""
+        state = get_model_state_dict(model, options=FULL_STATE)
+        if self.expert_parallel:
+            self.expert_parallel.global_state(state)
+        return state
 
     def step_folders(self) -> list[Path]:
         """Complete step folders, newest first."""
@@ -161,6 +169,8 @@ class CheckpointManager:
         """Collective: every rank calls it. Full (unsharded) states are gathered to CPU and written by rank 0."""
         model_state = get_model_state_dict(model, options=FULL_STATE)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+        if self.expert_parallel:
+            self.expert_parallel.global_state(model_state, optimizer_state, optimizer)
         rng_states = all_gather_objects(rng_state(), self.context)
         final = self.root / f"step_{step}"
         if self.context.is_main:
@@ -182,7 +192,7 @@ class CheckpointManager:
 
     def save_best(self, model: nn.Module, metrics: dict) -> Path:
         """Collective. Replaces `best/` with the current model (and the metrics that made it best)."""
-        model_state = get_model_state_dict(model, options=FULL_STATE)
+        model_state = self.model_state(model)
         final = self.root / "best"
         if self.context.is_main:
             temporary = self.root / ".tmp-best"
@@ -198,7 +208,7 @@ class CheckpointManager:
         """Collective. `final`: the model (from best/ when validation ran, else as it is now), tokenizer and
         generation config, loadable with AutoModelForCausalLM and AutoTokenizer. A LoRA model is written twice: the
         adapter alone in final/adapter/, and the base with the adapter merged in as final/ itself."""
-        state_dict = get_model_state_dict(model, options=FULL_STATE)
+        state_dict = self.model_state(model)
         if self.context.is_main:
             temporary = final.with_name(f".tmp-{final.name}")
             shutil.rmtree(temporary, ignore_errors=True)
@@ -269,6 +279,8 @@ class CheckpointManager:
                 rng_states = torch.load(folder / "rng_state.pt", weights_only=False)
                 if len(rng_states) != self.context.world_size:
                     raise InputError(f"saved by {len(rng_states)} processes, this run has {self.context.world_size}")
+                if self.expert_parallel:
+                    self.expert_parallel.local_state(model_state, optimizer_state)
                 if is_peft_model(unwrap_model(model)):
                     from peft import set_peft_model_state_dict
 

@@ -17,7 +17,9 @@ import torch
 import yaml
 
 from model.config import ByteModelConfig
+from utils.distributed import rank_and_world_size
 from utils.errors import InputError, error_summary
+from utils.expert_parallel import check_expert_parallel
 from utils.files import write_atomically
 
 
@@ -267,6 +269,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda: each process takes the GPU of its local rank
     max_bad_steps: int = 5
+    expert_parallel_size: int = 1  # processes that split each MoE layer's experts between them (1: all hold all)
 
 
 @dataclass
@@ -398,6 +401,12 @@ def check_training_config(config: TrainingConfig) -> None:
             if name not in ("init_from", "attn_implementation") and value != getattr(defaults, name):
                 raise InputError(f"model.{name} does not apply with model.init_from: the starting model keeps the "
                                  f"architecture it was saved with")
+    expert_parallel = config.train.expert_parallel_size
+    check_expert_parallel(expert_parallel, rank_and_world_size()[1],
+                          config.model.num_experts if config.model.init_from is None else None)
+    if expert_parallel > 1 and config.lora.enabled:
+        raise InputError("train.expert_parallel_size > 1 does not work with LoRA (the merged final model would hold "
+                         "one process's experts)")
     lora = config.lora
     if lora.enabled:
         if lora.rank < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
@@ -413,6 +422,9 @@ def check_training_config(config: TrainingConfig) -> None:
                              "(e.g. out/sft/final)")
         if rlhf.method == "grpo":
             check_grpo_section(config)
+            if expert_parallel > 1:
+                raise InputError("train.expert_parallel_size > 1 does not work with grpo (each process samples "
+                                 "rollouts of its own length, and every forward needs all of its row)")
         else:
             if rlhf.beta <= 0:
                 raise InputError(f"rlhf.beta must be > 0, got {rlhf.beta}")

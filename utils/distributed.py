@@ -115,12 +115,17 @@ def wrap_model(model: nn.Module, strategy: str, context: DistributedContext,
         device_ids = [context.local_rank] if context.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        policy = fsdp_policy(param_dtype)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def fsdp_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """Compute in `param_dtype` (None: as stored), reduce gradients in fp32."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def gradient_sync(model: nn.Module, sync: bool):

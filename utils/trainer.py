@@ -25,6 +25,7 @@ from utils.counting import flops_per_token, measure_peak_flops
 from utils.distributed import (all_reduce_sum, any_rank, barrier, gradient_sync, init_distributed, main_first, teardown,
                                wrap_model)
 from utils.errors import InputError, error_summary, exit_on_input_error, out_of_memory_as_input_error
+from utils.expert_parallel import ExpertParallel
 from utils.graceful_stop import GracefulStop
 from utils.logger import quiet_transformers, setup_logger
 from utils.lora import add_lora
@@ -78,7 +79,9 @@ class Trainer:
         config, context, log = self.config, self.context, self.log
         torch.manual_seed(config.train.seed)
         self.dtype = resolve_precision(config.train.precision, context.device)
-        self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_last, context)
+        self.expert_parallel = (ExpertParallel(config.train.expert_parallel_size, context)
+                                if config.train.expert_parallel_size > 1 else None)
+        self.checkpoints = CheckpointManager(self.out_dir, config.checkpoint.keep_last, context, self.expert_parallel)
         if resume is None and self.checkpoints.step_folders():
             raise InputError(f"{self.checkpoints.root} already holds checkpoints: pass --resume auto to continue, "
                              f"or choose another train.out_dir")
@@ -89,7 +92,10 @@ class Trainer:
             lambda: self.task.datasets(self.tokenizer, config, log.info), context, (InputError,))
         self.collate = self.task.collator(self.tokenizer)
         with out_of_memory_as_input_error():
-            self.model = model = self.build_model(self.tokenizer).to(context.device)
+            model = self.build_model(self.tokenizer)
+            if self.expert_parallel:
+                self.expert_parallel.shard(model)
+            self.model = model = model.to(context.device)
         if config.train.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.rollout = self.task.rollout(self) if self.task.rollout else None
@@ -102,8 +108,9 @@ class Trainer:
         if steps_per_epoch is None and config.train.max_steps is None:
             raise InputError("data.streaming needs train.max_steps (a stream has no known epoch length)")
         self.total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
-        self.wrapped = wrap_model(model, config.train.strategy, context,
-                                  param_dtype=self.dtype if self.dtype != torch.float32 else None)
+        param_dtype = self.dtype if self.dtype != torch.float32 else None
+        self.wrapped = (self.expert_parallel.wrap(model, config.train.strategy, param_dtype) if self.expert_parallel
+                        else wrap_model(model, config.train.strategy, context, param_dtype=param_dtype))
         self.optimizer = build_optimizer(self.wrapped, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.total_steps)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)  # fp16 only
@@ -138,6 +145,8 @@ class Trainer:
                  f"({trainable / 1e6:.2f}M trainable); {data}, {self.total_steps} steps; precision {self.dtype}; "
                  f"{context.world_size} process(es), {config.train.strategy}; device {context.device}"
                  f"{'; compiled' if compiled else ''}")
+        if self.expert_parallel:
+            log.info(self.expert_parallel.describe())
         if saved_rng is not None:
             set_rng_state(saved_rng)  # last, so that nothing between restore and training draws from it
 
@@ -173,8 +182,13 @@ class Trainer:
         step_loss = (all_reduce_sum(step_loss.float(), context) / context.world_size).item()
         metric_means = (all_reduce_sum(metric_sums, context) / targets.to(context.device)).tolist()
         self.step_metrics = dict(zip(self.task.metrics, metric_means))
+        if self.expert_parallel:
+            self.expert_parallel.reduce_gradients()
         self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
+        if self.expert_parallel:
+            grad_norm = self.expert_parallel.clip_gradients(model, self.config.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         if finite:
@@ -259,7 +273,8 @@ class Trainer:
         row = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
                "tokens_seen": self.state.tokens_seen, "elapsed_s": time.perf_counter() - self.start,
-               **self.step_metrics, **self.router.metrics()}
+               **self.step_metrics, **self.router.metrics(),
+               **(self.expert_parallel.metrics() if self.expert_parallel else {})}
         if self.rollout:
             # Sampling and scoring against the optimizer steps: seconds over the steps since the last row.
             row.update(self.rollout.last_metrics, rollout_s=self.window_rollout_s, update_s=self.window_update_s)
@@ -301,7 +316,8 @@ class Trainer:
         figures = ", ".join(f"{key} {value:.4f}" for key, value in evaluation.items() if value is not None)
         self.log.info(f"step {self.state.step}: {figures}")
         # A sharded model generates only with every rank taking part; otherwise rank 0 writes alone.
-        if self.context.is_main or (self.context.is_distributed and self.config.train.strategy == "fsdp"):
+        if self.context.is_main or self.expert_parallel or (self.context.is_distributed
+                                                            and self.config.train.strategy == "fsdp"):
             self.write_samples(self.model)
         if self.rollout and self.context.is_main and self.rollout.last_samples:
             self.metrics.write_sample_rows(self.state.step, self.rollout.last_samples)
