@@ -2,7 +2,8 @@
 
 Starts scripts/serve.py on free local ports, once per engine (`--engine continuous` and `--engine static`), or measures
 a running server given by --url. Warms each up, then at each concurrency level sends the same --requests requests
-(greedy, streamed, up to --max-tokens new tokens each) from that many clients, each sending its next request as soon
+(greedy, streamed, each with its own token limit averaging --max-tokens, or all --max-tokens with --lengths equal)
+from that many clients, each sending its next request as soon
 as its last one ends, to each engine in turn (so that both see the machine in the same state). One client is the
 sequential rate: every request generated alone. By default the pretrained demo model continues the first words of the
 demo validation documents (`/v1/completions`), so that replies run to their length and tokens/s measures generation;
@@ -15,6 +16,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -100,10 +102,19 @@ def one_request(client: openai.OpenAI, endpoint: str, prompt: str, max_tokens: i
     return {"ttft": latency if first_text is None else first_text, "latency": latency, "tokens": tokens}
 
 
-def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
+def token_limits(count: int, max_tokens: int, lengths: str) -> list[int]:
+    """Each request's max_tokens: all `max_tokens`, or varied as replies are, drawn evenly (seeded) between an eighth
+    of it and twice it less an eighth, which averages `max_tokens`."""
+    if lengths == "equal":
+        return [max_tokens] * count
+    draw = random.Random(0)
+    return [draw.randint(max(1, max_tokens // 8), 2 * max_tokens - max(1, max_tokens // 8)) for _ in range(count)]
+
+
+def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients: int, limits: list[int]) -> dict:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(one_request, client, endpoint, prompt, max_tokens) for prompt in prompts]
+        futures = [pool.submit(one_request, client, endpoint, prompt, limit) for prompt, limit in zip(prompts, limits)]
         results, failures = [], 0
         for future in futures:
             try:
@@ -120,12 +131,14 @@ def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients:
             "latency_median_s": statistics.median(result["latency"] for result in results) if results else None}
 
 
-def table(rows: list[dict], model_name: str, endpoint: str, max_tokens: int) -> str:
+def table(rows: list[dict], model_name: str, endpoint: str, max_tokens: int, lengths: str) -> str:
     """One row per engine and level: tokens/s against the engine's own one-client rate and against the static
     engine's at the same level; then the two goals' ratios."""
     by_key = {(row["engine"], row["clients"]): row for row in rows}
     kind = "chat" if endpoint == "chat" else "text completion"
-    lines = [f"Serving `{model_name}`: greedy {kind} requests, up to {max_tokens} new tokens each, streamed.", "",
+    limit = f"up to {max_tokens}" if lengths == "equal" else f"a limit between {max(1, max_tokens // 8)} and " \
+        f"{2 * max_tokens - max(1, max_tokens // 8)} (mean {max_tokens})"
+    lines = [f"Serving `{model_name}`: greedy {kind} requests, {limit} new tokens each, streamed.", "",
              "| engine | clients | requests (failed) | tokens/s | vs 1 client | vs static | requests/s "
              "| time to first token, median / p90 | request time, median |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -158,7 +171,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--api-key", default="none", help="the server's --api-key, with --url")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
-    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request at most")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request at most (the mean limit "
+                                                                    "with --lengths varied)")
+    parser.add_argument("--lengths", choices=["varied", "equal"], default="varied",
+                        help="varied: each request its own limit, as replies end at different lengths; equal: all "
+                             "--max-tokens (which keeps a static batch's rows in step)")
     parser.add_argument("--threads", type=int, help="the started server's --threads")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="completions",
                         help="/v1/chat/completions, or /v1/completions (a base model continuing text)")
@@ -176,6 +193,7 @@ def main() -> None:
     args = parse_args()
     prompts = prompts_from(Path(args.data) if args.data else ROOT / DEMO_DATA[args.endpoint], args.endpoint,
                            args.requests)
+    limits = token_limits(args.requests, args.max_tokens, args.lengths)
     servers = {}  # engine -> (process or None, url)
     try:
         if args.url is None:
@@ -192,7 +210,7 @@ def main() -> None:
         rows = []
         for level in args.clients:
             for engine, client in clients.items():
-                rows.append({"engine": engine, **run_level(client, args.endpoint, prompts, level, args.max_tokens)})
+                rows.append({"engine": engine, **run_level(client, args.endpoint, prompts, level, limits)})
                 print(f"{engine}, {level} clients: {rows[-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr,
                       flush=True)
     except (OSError, openai.APIConnectionError) as error:
@@ -202,11 +220,12 @@ def main() -> None:
             if process is not None:
                 process.terminate()
                 process.wait()
-    report = table(rows, model_name, args.endpoint, args.max_tokens)
+    report = table(rows, model_name, args.endpoint, args.max_tokens, args.lengths)
     print(report)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"model": model_name, "endpoint": args.endpoint, "max_tokens": args.max_tokens,
+                                  "lengths": args.lengths, "token_limits": limits,
                                        "levels": rows}, indent=2))
     output.with_suffix(".md").write_text(report)
 

@@ -433,8 +433,11 @@ BENCH_SERVE_OPTIONS = {
                   == ["continuous"] and [level["engine"] for level in seen["result"]["levels"]] == ["continuous"] * 2),
     "--requests": ("5", lambda seen: [level["requests"] for level in seen["result"]["levels"]] == [5] * 4),
     "--clients": ("4", lambda seen: [level["clients"] for level in seen["result"]["levels"]] == [4, 4]),
-    "--max-tokens": ("9", lambda seen: {request[2] for request in seen["requests"]} == {9}
-                     and seen["result"]["max_tokens"] == 9),
+    # Varied limits average --max-tokens; the warm-up request asks for it exactly.
+    "--max-tokens": ("9", lambda seen: seen["requests"][0][2] == 9 and seen["result"]["max_tokens"] == 9
+                     and {request[2] for request in seen["requests"][2:]} <= set(range(1, 18))),
+    "--lengths": ("equal", lambda seen: {request[2] for request in seen["requests"]} == {64}
+                  and seen["result"]["token_limits"] == [64] * 3),
     "--threads": ("1", lambda seen: seen["commands"][0][-2:] == ["--threads", "1"]),
     "--endpoint": ("chat", lambda seen: {request[0] for request in seen["requests"]} == {"chat"}
                    and seen["result"]["endpoint"] == "chat"),

@@ -526,15 +526,15 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
         "--model", "--prompt", "--system", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
         "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft", "--attn-implementation")),
     "scripts/serve.py": {
-        **each("test/test_serve.py::test_each_option_reaches_the_server", (
+        **each("test/test_server.py::test_each_option_reaches_the_server", (
             "--model", "--host", "--port", "--api-key", "--model-name", "--max-batch-size", "--batch-window-ms",
             "--threads", "--quantize", "--attn-implementation")),
-        "--engine": ("test/test_serve.py::test_each_option_reaches_the_server[--engine]",
+        "--engine": ("test/test_server.py::test_each_option_reaches_the_server[--engine]",
                      "test/test_serving.py::test_a_request_joining_a_running_batch_answers_as_alone"),
         # What the engine does with them.
-        "--max-batch-size": ("test/test_serve.py::test_each_option_reaches_the_server[--max-batch-size]",
+        "--max-batch-size": ("test/test_server.py::test_each_option_reaches_the_server[--max-batch-size]",
                              "test/test_serving.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
-        "--batch-window-ms": ("test/test_serve.py::test_each_option_reaches_the_server[--batch-window-ms]",
+        "--batch-window-ms": ("test/test_server.py::test_each_option_reaches_the_server[--batch-window-ms]",
                               "test/test_serving.py::test_a_batch_waits_the_window_and_holds_at_most_max_batch_size"),
     },
     "scripts/export_hf.py": {
@@ -571,8 +571,8 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
     },
     "scripts/bench_serve.py": {
         **each("test/test_benchmark.py::test_each_option_reaches_what_bench_serve_measures", (
-            "--model", "--url", "--engines", "--api-key", "--requests", "--clients", "--max-tokens", "--threads",
-            "--endpoint", "--data")),
+            "--model", "--url", "--engines", "--api-key", "--requests", "--clients", "--max-tokens", "--lengths",
+            "--threads", "--endpoint", "--data")),
         "--output": "test/test_benchmark.py::test_bench_serve_writes_its_table_where_told",
     },
     "scripts/bench_data.py": {

@@ -700,11 +700,19 @@ def test_a_saved_folder_loads_with_the_implementation_asked_for(pair, tmp_path):
     torch.testing.assert_close(eager.eval()(ids).logits, llama(ids).logits, atol=ATOL, rtol=0)
 
 
+def small_cache():
+    """A paged cache sized for a test: left to size itself, it takes most of the free memory (seconds to allocate)."""
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=256)
+
+
 def continuous_batching_tokens(model, prompts: list[list[int]], max_new_tokens: int = 10) -> list[list[int]]:
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
+                                   continuous_batching_config=small_cache())
     return [output.generated_tokens for output in sorted(outputs.values(), key=lambda output: output.request_id)]
 
 
@@ -731,7 +739,7 @@ def test_a_request_joining_a_running_batch_gets_the_tokens_it_gets_alone():
     byte, _ = make_reference_pair("sdpa", moe=False)
     first, joining = list(range(3, 15)), [40, 41, 42]
     config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    manager = byte.init_continuous_batching(generation_config=config)
+    manager = byte.init_continuous_batching(generation_config=config, continuous_batching_config=small_cache())
     manager.start()
     try:
         manager.add_request(first, request_id="first", max_new_tokens=24, streaming=True)
