@@ -454,8 +454,12 @@ class ContinuousEngine:
                 self.end_all(f"generation failed: {error or 'the generation loop stopped'}")
                 time.sleep(0.05)
                 continue
+            outputs = []
+            while output is not None:  # a step's outputs come together: take them all, then look at the jobs once
+                outputs.append(output)
+                output = self.manager.get_result(timeout=0)
             with self.lock:
-                if output is not None:
+                for output in outputs:
                     self.deliver(output)
                 for request_id, job in list(self.jobs.items()):
                     if job.cancelled and job.finish_reason is None:
