@@ -723,9 +723,10 @@ def generate_tokens(model, prompt: list[int], max_new_tokens: int = 10) -> list[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moe", [False, True], ids=["llama", "mixtral"])
-def test_continuous_batching_equals_generate_and_the_reference(moe):
-    byte, reference = make_reference_pair("sdpa", moe)
+@pytest.mark.parametrize("implementation, moe", [("sdpa", False), ("sdpa", True), ("eager", False)],
+                         ids=["llama", "mixtral", "llama-eager"])
+def test_continuous_batching_equals_generate_and_the_reference(implementation, moe):
+    byte, reference = make_reference_pair(implementation, moe)
     prompts = [[5, 6, 7], list(range(9, 20)), [20], [30, 31, 32, 33, 34]]
     expected = [generate_tokens(byte, prompt) for prompt in prompts]
     assert continuous_batching_tokens(byte, prompts) == expected
