@@ -144,6 +144,8 @@ ERROR_CASES = {
     "swanlab mode": (dict(logging__swanlab_mode="online"), ["logging.swanlab_mode", "online"]),
     "missing data": (dict(data__train_files="datasets/demo/no_such_file.jsonl"), ["no_such_file.jsonl"]),
     "seq_len": (dict(data__seq_len=128), ["seq_len", "128", "max_position_embeddings"]),
+    "expert parallel size": (dict(train__expert_parallel_size=2),
+                             ["train.expert_parallel_size=2 does not divide the 1 process(es)"]),
 }
 
 
