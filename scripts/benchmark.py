@@ -5,7 +5,8 @@ Dense: ByteModel (eager and `torch.compile`d) against `LlamaForCausalLM`; MoE: B
 training tokens/s (forward, backward, fused AdamW step) with the model FLOPs utilisation against the matrix-multiply
 peak measured here in the same run, greedy generation tokens/s at batch 1 and batch 8 (`--new-tokens`, 512 by
 default; ByteModel also with its static cache and compiled decode step, whose tokens must equal the eager ones),
-a sampled generation at batch 16 (temperature 1 over the whole vocabulary: a GRPO rollout's shape, `--sample-batch`),
+a sampled generation at batch 16 (temperature 1 over the whole vocabulary: a GRPO rollout's shape, `--sample-batch`;
+ByteModel draws as the project's generation paths do, `utils/sampling.py`),
 peak memory of each measurement, and every ratio against transformers. Pairs are measured in alternating rounds
 and the median round counts, so drift of a shared machine hits both sides alike. Then the inference rows: the
 benchmark model and the demo's trained models (`--inference-models`) in fp32, int8 and int4 (`utils/quantize.py`),
@@ -57,6 +58,7 @@ from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
 from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.quantize import quantize, weight_bytes  # noqa: E402
+from utils.sampling import sampling_processors  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
 MOE = dict(vocab_size=6400, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -176,17 +178,20 @@ def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, ste
 def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, precision: str, outputs: dict,
                   name: str, static: bool = False, draft: torch.nn.Module | None = None, sample: bool = False):
     """A measure: one `generate` of exactly `new_tokens` tokens, greedy or (`sample`) sampled at temperature 1 from the
-    whole distribution, with `draft` as the assistant model of speculative decoding if given."""
-    config = GenerationConfig(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+    whole distribution, with `draft` as the assistant model of speculative decoding if given. ByteModel samples as
+    the project's generation paths do (`utils.sampling`), transformers' models with `generate`'s own sampling."""
+    ours = sample and isinstance(model, ByteModel)
+    config = GenerationConfig(do_sample=sample and not ours, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
                               cache_implementation="static" if static else None)
+    processors = sampling_processors() if ours else None
 
     def measure() -> float:
         model.eval()
         start = time.perf_counter()
         with torch.no_grad(), autocast_for(precision):
             outputs[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
-                                           assistant_model=draft)
+                                           assistant_model=draft, logits_processor=processors)
         return time.perf_counter() - start
     return measure
 
@@ -612,7 +617,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['task']} | {row['precision']} | {row['variant']} | {row['batch']} | "
                      f"{row['tokens_per_s']:,.0f} | {mfu} | {row['ratio']:.2f} | {memory} | "
                      f"{equal} |")
-    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones. GRPO step: "
+    lines += ["", "Tokens equal: greedy tokens equal to transformers' / to ByteModel's eager ones. Sample rows: "
+              "temperature 1 over the whole vocabulary; ByteModel draws as the project's generation paths do "
+              "(utils/sampling.py, one uniform number per row), transformers with generate's torch.multinomial. "
+              "GRPO step: "
               "prompts x completions per prompt + completion tokens, one optimizer step on a fresh rollout; tokens/s "
               "counts completion tokens, the ratio is against TRL's GRPOTrainer in the same run.", ""]
     if result.get("inference"):

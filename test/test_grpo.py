@@ -152,30 +152,6 @@ def test_completion_mask_ends_at_the_first_end_token():
     assert completion_mask(ids, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
-def test_inverse_cdf_sampling_draws_from_the_warped_distribution():
-    """One draw per row through the rollout's processors has the frequencies of transformers' own sampling
-    distribution (temperature, top-k, top-p, then softmax), and never a token the warpers removed."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    from utils.grpo import GRPORollout
-
-    rollout = GRPORollout.__new__(GRPORollout)
-    rollout.section = RlhfSection(method="grpo", temperature=0.8, top_k=6, top_p=0.9)
-    scores = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0]])
-    expected = scores.clone()
-    for warper in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(6), TopPLogitsWarper(0.9)):
-        expected = warper(None, expected)
-    expected = expected.softmax(-1)[0]
-    torch.manual_seed(0)
-    draws = 20000
-    processed = rollout.sampling_processors()(None, scores.repeat(draws, 1))
-    chosen = processed.argmax(-1)
-    assert (processed.isfinite().sum(-1) == 1).all()
-    frequencies = torch.bincount(chosen, minlength=8).float() / draws
-    assert (frequencies[expected == 0] == 0).all() and (expected == 0).sum() >= 2
-    torch.testing.assert_close(frequencies, expected, atol=0.012, rtol=0)
-
-
 def test_rollouts_ignore_the_generation_settings_saved_with_the_model():
     """A folder's generation_config.json (a repetition penalty, a ban on repeated tokens) must not shape the
     completions: the loss scores them under the plain distribution."""

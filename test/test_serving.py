@@ -288,20 +288,3 @@ def test_row_wise_top_k_and_top_p_keep_the_tokens_transformers_keeps():
         assert torch.isinf(expected).any() and torch.isfinite(expected).any(dim=-1).all()
     # Rows that set no limit are left alone without any work.
     assert torch.equal(fast(scores, torch.ones(6).view(torch.int32)), scores)
-
-
-def test_inverse_cdf_sampling_draws_from_the_distribution_and_leaves_one_token():
-    from utils.serving import InverseCdfSampling
-
-    torch.manual_seed(0)
-    probabilities = torch.tensor([0.5, 0.3, 0.2, 0.0])
-    scores = probabilities.log().expand(40000, 4).clone()
-    picked = InverseCdfSampling()(None, scores)
-    assert torch.equal(torch.isfinite(picked).sum(-1), torch.ones(40000, dtype=torch.long))
-    frequencies = torch.bincount(picked.argmax(-1), minlength=4) / 40000
-    torch.testing.assert_close(frequencies, probabilities, atol=0.01, rtol=0)
-    assert frequencies[3] == 0
-    # What top-k 1 leaves (one finite logit) is always taken.
-    one = torch.full((8, 4), -torch.inf)
-    one[:, 2] = 3.0
-    assert picked.shape == scores.shape and InverseCdfSampling()(None, one).argmax(-1).eq(2).all()

@@ -15,14 +15,14 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import GenerationConfig
 
 from utils.batches import model_inputs
 from utils.distributed import all_gather_objects, all_reduce_sum
 from utils.precision import autocast
 from utils.preference import PreferenceOutput, reference_model
 from utils.rewards import load_reward_functions, score_completions
+from utils.sampling import sampling_processors
 
 # What the loss reports, as means over the step's completion tokens.
 GRPO_METRICS = ("clip_ratio", "entropy", "kl")
@@ -171,20 +171,6 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     return (torch.arange(width, device=completion_ids.device)[None] <= first_end[:, None]).long()
 
 
-class InverseCDFSampling(LogitsProcessor):
-    """Draws each row's next token from the softmax of its scores by inverting the cumulative distribution at one
-    uniform number per row, and leaves only that token for the greedy step. `generate`'s own sampling calls
-    torch.multinomial, which on a CPU draws one exponential number per vocabulary entry: at the demo's 6,400 tokens,
-    more than half of a rollout's time."""
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cumulative = scores.float().softmax(-1).cumsum(-1)
-        uniform = torch.rand(len(scores), 1, device=scores.device) * cumulative[:, -1:]
-        # right=True: the first token whose cumulative share exceeds the draw, never one of probability 0.
-        chosen = torch.searchsorted(cumulative, uniform, right=True).clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(-1, chosen, 0.0)
-
-
 class GRPORollout:
     """The rollout phase of the engine's loop: every `steps_per_rollout` steps it turns a batch of prompts into the
     step's micro-batches (completions with advantages), which the optimizer steps in between reuse. Its state (the
@@ -215,23 +201,9 @@ class GRPORollout:
     # ------------------------------------------------------------------ generation
 
     def generation_config(self) -> GenerationConfig:
-        # Greedy over the scores that `sampling_processors` leave: a sample.
+        # Greedy over the scores that the sampling processors leave: a sample.
         return GenerationConfig(max_new_tokens=self.section.max_completion_tokens, do_sample=False,
                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
-
-    def sampling_processors(self) -> LogitsProcessorList:
-        """transformers' temperature, top-k and top-p warpers, in the order its sampling applies them, then one draw
-        from what they leave."""
-        section = self.section
-        processors = LogitsProcessorList()
-        if section.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(section.temperature))
-        if section.top_k > 0:
-            processors.append(TopKLogitsWarper(section.top_k))
-        if section.top_p < 1.0:
-            processors.append(TopPLogitsWarper(section.top_p))
-        processors.append(InverseCDFSampling())
-        return processors
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sample: bool
@@ -245,9 +217,10 @@ class GRPORollout:
         model.eval()
         try:
             with autocast(trainer.context.device, trainer.dtype):
+                section = self.section
+                draw = sampling_processors(section.temperature, section.top_k, section.top_p) if sample else None
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                        logits_processor=self.sampling_processors() if sample else None,
-                                        synced_gpus=self.synced)
+                                        logits_processor=draw, synced_gpus=self.synced)
         finally:
             model.train(training)
             model.generation_config = saved_config

@@ -7,7 +7,6 @@ each produces through the job's `sink`, from their own threads.
 """
 
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from transformers import (ContinuousBatchingConfig, GenerationConfig, LogitsProc
                           StoppingCriteria, StoppingCriteriaList, StopStringCriteria, TextStreamer)
 from transformers.generation.continuous_batching.cb_logits_processors import (ContinuousBatchingTopKLogitsWarper,
                                                                               ContinuousBatchingTopPLogitsWarper)
+
+from utils.sampling import InverseCDFSampling, sampling_processors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,15 +270,17 @@ class StaticEngine:
         inputs = self.tokenizer.pad({"input_ids": [job.prompt_ids for job in jobs]}, padding=True,
                                     padding_side="left", return_tensors="pt")
         sampling = jobs[0].sampling
+        # Greedy over what the processors leave: the penalties, then (sampling) the warpers and one draw.
         config = plain_generation_config(
-            max_new_tokens=max(job.max_tokens for job in jobs), do_sample=sampling.do_sample,
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_new_tokens=max(job.max_tokens for job in jobs), do_sample=False,
             eos_token_id=sorted(self.eos_token_ids), pad_token_id=self.tokenizer.pad_token_id)
         processors = LogitsProcessorList()
         if any(job.presence_penalty or job.frequency_penalty for job in jobs):
             processors.append(PresenceFrequencyPenalty([job.presence_penalty for job in jobs],
                                                        [job.frequency_penalty for job in jobs],
                                                        inputs["input_ids"].shape[1]))
+        if sampling.do_sample:
+            processors.extend(sampling_processors(sampling.temperature, sampling.top_k, sampling.top_p))
         with torch.random.fork_rng(devices=[]) if jobs[0].seeded else nullcontext():
             if jobs[0].seeded:
                 torch.manual_seed(sampling.seed)
@@ -319,27 +322,14 @@ class RowsTopP(ContinuousBatchingTopPLogitsWarper):
         return scores.index_copy(0, rows, super().__call__(scores[rows], tensor_arg[rows]))
 
 
-class InverseCdfSampling(LogitsProcessor):
-    """Draws each row's token from its distribution by inverse transform sampling (a uniform number looked up in the
-    cumulative probabilities) and leaves only that token standing, so that an argmax takes it. torch.multinomial,
-    which the manager samples with, draws one exponential number per vocabulary entry: 2 ms a step for 16 rows of
-    6400 tokens here, against 0.04 ms for this."""
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        cumulative = scores.softmax(dim=-1).cumsum(dim=-1)
-        # Scaled by each row's total, so that rounding in the sum never points past the last likely token.
-        draw = torch.rand(scores.shape[0], 1, device=scores.device) * cumulative[:, -1:]
-        tokens = torch.searchsorted(cumulative, draw, right=True).clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
-
-
 FASTER_PROCESSORS = {ContinuousBatchingTopKLogitsWarper: RowsTopK, ContinuousBatchingTopPLogitsWarper: RowsTopP}
 
 
 def use_faster_sampling(manager) -> None:
-    """Give a manager that has not started yet the row-wise top-k and top-p and inverse transform sampling, which then
-    picks its tokens by argmax (it reads `do_sample` when it starts). Measured on the demo model at 16 requests:
-    sorting every row of the vocabulary twice per step and torch.multinomial together cost more than the forward."""
+    """Give a manager that has not started yet the row-wise top-k and top-p and the project's sampling draw
+    (`utils.sampling`), after which it picks its tokens by argmax (it reads `do_sample` when it starts). Measured on
+    the demo model at 16 requests: sorting every row of the vocabulary twice per step and torch.multinomial together
+    cost more than the forward."""
     processors = manager.logit_processor.logits_processor
     for index, processor in enumerate(processors):
         faster = FASTER_PROCESSORS.get(type(processor))
@@ -347,7 +337,7 @@ def use_faster_sampling(manager) -> None:
             replacement = faster.__new__(faster)
             replacement.__dict__.update(processor.__dict__)
             processors[index] = replacement
-    processors.append(InverseCdfSampling())
+    processors.append(InverseCDFSampling())
     manager.generation_config.do_sample = False
 
 
