@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from helpers import tiny_config
+from helpers import randomize_, tiny_config
 from model import ByteModel
 from utils.config import RlhfSection
 from utils.grpo import GRPOLoss, completion_mask, group_advantages, token_logps
@@ -176,3 +176,31 @@ def test_rollouts_ignore_the_generation_settings_saved_with_the_model():
     assert len(set(plain[0].tolist())) < plain.shape[1]  # the plain greedy reply repeats a token...
     assert torch.equal(completion, plain)  # ...and so does the rollout's, whatever the folder says
     assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
+
+
+def test_rollouts_sample_with_the_sections_temperature_top_k_and_top_p(monkeypatch):
+    """The rollout's draw takes rlhf.temperature, top_k and top_p (utils/sampling.py's processors, tested against
+    transformers' warpers there); top-k 1 leaves the greedy reply, plain sampling does not."""
+    from types import SimpleNamespace
+
+    import utils.grpo
+    from utils.grpo import GRPORollout
+
+    seen = []
+    real = utils.grpo.sampling_processors
+    monkeypatch.setattr(utils.grpo, "sampling_processors", lambda *settings: seen.append(settings) or real(*settings))
+    torch.manual_seed(0)
+    model = randomize_(ByteModel(tiny_config(vocab_size=64, hidden_size=32, eos_token_id=63, pad_token_id=0))).eval()
+    prompt = torch.tensor([[3, 4, 5, 6]] * 4)
+    rollout = GRPORollout.__new__(GRPORollout)
+    rollout.trainer = SimpleNamespace(model=model, context=SimpleNamespace(device=torch.device("cpu")),
+                                      dtype=torch.float32)
+    rollout.eos_token_id, rollout.pad_token_id, rollout.synced = 63, 0, False
+    completions = {}
+    for name, settings in {"greedy": {}, "top-k 1": dict(temperature=1.7, top_k=1, top_p=0.9),
+                           "sampled": dict(temperature=1.7)}.items():
+        rollout.section = RlhfSection(method="grpo", max_completion_tokens=10, **settings)
+        completions[name] = rollout.generate(prompt, torch.ones_like(prompt), sample=name != "greedy")[0]
+    assert seen == [(1.7, 1, 0.9), (1.7, 0, 1.0)]
+    assert torch.equal(completions["top-k 1"], completions["greedy"])
+    assert not torch.equal(completions["sampled"], completions["greedy"])

@@ -501,10 +501,10 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
         "--rlhf.max_completion_tokens": (
             GRPO_LOSS + "test_loss_and_gradients_equal_trl",
             GRPO_LOSS + "test_rollouts_ignore_the_generation_settings_saved_with_the_model"),
-        "--rlhf.temperature": (GRPO_LOSS + "test_inverse_cdf_sampling_draws_from_the_warped_distribution",
+        "--rlhf.temperature": (GRPO_LOSS + "test_rollouts_sample_with_the_sections_temperature_top_k_and_top_p",
                                GRPO_LOSS + "test_loss_and_gradients_equal_trl"),
-        "--rlhf.top_p": GRPO_LOSS + "test_inverse_cdf_sampling_draws_from_the_warped_distribution",
-        "--rlhf.top_k": GRPO_LOSS + "test_inverse_cdf_sampling_draws_from_the_warped_distribution",
+        "--rlhf.top_p": GRPO_LOSS + "test_rollouts_sample_with_the_sections_temperature_top_k_and_top_p",
+        "--rlhf.top_k": GRPO_LOSS + "test_rollouts_sample_with_the_sections_temperature_top_k_and_top_p",
         "--rlhf.scale_rewards": GRPO + "test_reward_weights_and_scale_rewards_reach_the_rollout",
         "--rlhf.loss_type": GRPO_LOSS + "test_loss_and_gradients_equal_trl",
         "--rlhf.epsilon": GRPO_LOSS + "test_loss_and_gradients_equal_trl",
