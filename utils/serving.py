@@ -6,6 +6,7 @@ also serves the requests the manager cannot (presence/frequency penalties, a see
 each produces through the job's `sink`, from their own threads.
 """
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -381,6 +382,7 @@ class ContinuousEngine:
         self.jobs_done = 0
         self.generated_tokens = 0
         self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @contextmanager
     def paused(self):
@@ -390,18 +392,25 @@ class ContinuousEngine:
     def start(self) -> None:
         self.manager.start()
         self.static.start()
-        self.thread = threading.Thread(target=self.deliver_forever, name="delivery", daemon=True)
+        # The manager hands a step's outputs to the handlers registered on an event loop in one callback: the
+        # delivery thread runs that loop (a queue would wake it once per request and step).
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="delivery", daemon=True)
         self.thread.start()
+        self.loop.call_soon_threadsafe(self.sweep)
 
     def stop(self) -> None:
         self.closing = True
         self.static.stop()
-        if self.thread is not None:
-            self.thread.join()
         self.manager.stop(block=True, hard_stop=True)
+        if self.thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
         with self.lock:
             for job in self.jobs.values():
-                job.finish("cancelled")
+                if job.finish_reason is None:
+                    job.finish("cancelled")
             self.jobs.clear()
 
     def submit(self, jobs: list[Job]) -> None:
@@ -412,17 +421,22 @@ class ContinuousEngine:
             if job in needs_static:
                 continue
             job.begin(self.tokenizer)
-            sampling = job.sampling
             with self.lock:
                 self.counter += 1
                 request_id = f"job-{self.counter}"
                 self.jobs[request_id] = job
-            self.manager.add_request(
-                job.prompt_ids, request_id=request_id, max_new_tokens=job.max_tokens, streaming=True,
-                eos_token_id=sorted(self.eos_token_ids),
-                temperature=float(sampling.temperature) if sampling.do_sample else 1.0,
-                top_p=float(sampling.top_p) if sampling.do_sample else 1.0,
-                top_k=(sampling.top_k or self.model.config.vocab_size) if sampling.do_sample else 1)
+            self.loop.call_soon_threadsafe(self.add_request, request_id, job)
+
+    def add_request(self, request_id: str, job: Job) -> None:
+        """On the delivery loop, where the request's handler must be registered before its first output."""
+        self.manager.register_result_handler(request_id, self.delivered)
+        sampling = job.sampling
+        self.manager.add_request(
+            job.prompt_ids, request_id=request_id, max_new_tokens=job.max_tokens, streaming=True,
+            eos_token_id=sorted(self.eos_token_ids),
+            temperature=float(sampling.temperature) if sampling.do_sample else 1.0,
+            top_p=float(sampling.top_p) if sampling.do_sample else 1.0,
+            top_k=(sampling.top_k or self.model.config.vocab_size) if sampling.do_sample else 1)
 
     def stats(self) -> dict[str, int | str]:
         static = self.static.stats()
@@ -434,31 +448,34 @@ class ContinuousEngine:
                     "completed": self.jobs_done + static["completed"],
                     "generated_tokens": self.generated_tokens + static["generated_tokens"]}
 
-    def deliver_forever(self) -> None:
-        """Hands the manager's outputs (every request's tokens so far, after each step) to their jobs, and cancels
-        the requests whose jobs have ended (a stop string) or whose clients have gone."""
-        while not self.closing:
-            output = self.manager.get_result(timeout=0.05)
-            if output is None and not self.manager.is_running():
-                error = self.manager.background_thread_status.fatal_error
-                self.end_all(f"generation failed: {error or 'the generation loop stopped'}")
-                time.sleep(0.05)
-                continue
-            outputs = []
-            while output is not None:  # a step's outputs come together: take them all, then look at the jobs once
-                outputs.append(output)
-                output = self.manager.get_result(timeout=0)
-            with self.lock:
-                for output in outputs:
-                    self.deliver(output)
-                for request_id, job in list(self.jobs.items()):
-                    if job.cancelled and job.finish_reason is None:
-                        job.finish("cancelled")
-                    if job.finish_reason is not None:
-                        self.manager.cancel_request(request_id)
-                        self.retire(request_id)
+    def delivered(self, output) -> None:
+        """A request's tokens so far, after a step: to its job; a job that has ended (a stop string, its client
+        gone) cancels its request."""
+        with self.lock:
+            self.deliver(output)
+            job = self.jobs.get(output.request_id)
+            if job is not None and job.finish_reason is not None:
+                self.manager.cancel_request(output.request_id)
+                self.retire(output.request_id)
+            elif job is not None and job.completion_tokens == 1:
                 self.peak_running = max(self.peak_running,
                                         sum(job.completion_tokens > 0 for job in self.jobs.values()))
+
+    def sweep(self) -> None:
+        """Every 50 ms on the delivery loop: cancels the requests of jobs whose clients left before their first
+        output, and ends every job if the generation loop has died."""
+        with self.lock:
+            for request_id, job in list(self.jobs.items()):
+                if job.cancelled and job.finish_reason is None:
+                    job.finish("cancelled")
+                if job.finish_reason is not None:
+                    self.manager.cancel_request(request_id)
+                    self.retire(request_id)
+        if not self.closing and not self.manager.is_running():
+            error = self.manager.background_thread_status.fatal_error
+            self.end_all(f"generation failed: {error or 'the generation loop stopped'}")
+        if not self.closing:
+            self.loop.call_later(0.05, self.sweep)
 
     def deliver(self, output) -> None:
         job = self.jobs.get(output.request_id)
