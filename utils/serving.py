@@ -65,6 +65,11 @@ class Job:
     def seeded(self) -> bool:
         return self.sampling.do_sample and self.sampling.seed is not None
 
+    @property
+    def needs_static(self) -> bool:
+        """What continuous batching lacks: presence/frequency penalties, and a seed of the job's own."""
+        return self.seeded or bool(self.presence_penalty or self.frequency_penalty)
+
     def begin(self, tokenizer) -> None:
         self.streamer = ReplyStreamer(tokenizer, self)
         self.stop_criteria = StopStringCriteria(tokenizer, list(self.stop)) if self.stop else None
@@ -78,8 +83,9 @@ class Job:
             return
         self.reply_ids.append(token)
         self.streamer.put(torch.tensor([token]))
-        if self.stopped_by_text or (self.stop_criteria is not None
-                                    and bool(self.stop_criteria(torch.tensor([self.reply_ids]), None))):
+        # The criteria read only the reply's last `maximum_token_len` tokens (one per character of the longest stop).
+        if self.stopped_by_text or (self.stop_criteria is not None and bool(self.stop_criteria(
+                torch.tensor([self.reply_ids[-self.stop_criteria.maximum_token_len:]]), None))):
             self.finish("stop")
         elif self.completion_tokens >= self.max_tokens:
             self.finish("length")
@@ -326,19 +332,23 @@ class RowsTopP(ContinuousBatchingTopPLogitsWarper):
 FASTER_PROCESSORS = {ContinuousBatchingTopKLogitsWarper: RowsTopK, ContinuousBatchingTopPLogitsWarper: RowsTopP}
 
 
+def faster(processor):
+    """`processor` as its row-wise version (same settings), or itself where it has none."""
+    faster_type = FASTER_PROCESSORS.get(type(processor))
+    if faster_type is None:
+        return processor
+    replacement = faster_type.__new__(faster_type)
+    replacement.__dict__.update(processor.__dict__)
+    return replacement
+
+
 def use_faster_sampling(manager) -> None:
     """Give a manager that has not started yet the row-wise top-k and top-p and the project's sampling draw
     (`utils.sampling`), after which it picks its tokens by argmax (it reads `do_sample` when it starts). Measured on
     the demo model at 16 requests: sorting every row of the vocabulary twice per step and torch.multinomial together
     cost more than the forward."""
     processors = manager.logit_processor.logits_processor
-    for index, processor in enumerate(processors):
-        faster = FASTER_PROCESSORS.get(type(processor))
-        if faster is not None:
-            replacement = faster.__new__(faster)
-            replacement.__dict__.update(processor.__dict__)
-            processors[index] = replacement
-    processors.append(InverseCDFSampling())
+    processors[:] = [faster(processor) for processor in processors] + [InverseCDFSampling()]
     manager.generation_config.do_sample = False
 
 
@@ -414,12 +424,10 @@ class ContinuousEngine:
             self.jobs.clear()
 
     def submit(self, jobs: list[Job]) -> None:
-        needs_static = [job for job in jobs if job.seeded or job.presence_penalty or job.frequency_penalty]
+        needs_static = [job for job in jobs if job.needs_static]
         if needs_static:
             self.static.submit(needs_static)
-        for job in jobs:
-            if job in needs_static:
-                continue
+        for job in (job for job in jobs if not job.needs_static):
             job.begin(self.tokenizer)
             with self.lock:
                 self.counter += 1
@@ -449,15 +457,25 @@ class ContinuousEngine:
                     "generated_tokens": self.generated_tokens + static["generated_tokens"]}
 
     def delivered(self, output) -> None:
-        """A request's tokens so far, after a step: to its job; a job that has ended (a stop string, its client
-        gone) cancels its request."""
+        """A request's tokens so far, after a step: to its job. A job that has ended before its request (a stop
+        string, its client gone) cancels the request; tokens the manager made before it saw that are dropped."""
         with self.lock:
-            self.deliver(output)
             job = self.jobs.get(output.request_id)
-            if job is not None and job.finish_reason is not None:
-                self.manager.cancel_request(output.request_id)
+            if job is None:
+                return
+            if output.error is not None:
+                job.fail(f"generation failed: {output.error}")
+            for token in output.generated_tokens[job.completion_tokens:]:
+                if job.finish_reason is not None:
+                    break
+                job.take(token, self.eos_token_ids)
+            if output.is_finished():
+                if job.finish_reason is None:
+                    job.finish("length")
                 self.retire(output.request_id)
-            elif job is not None and job.completion_tokens == 1:
+            elif job.finish_reason is not None:
+                self.drop(output.request_id)
+            elif job.completion_tokens == 1:
                 self.peak_running = max(self.peak_running,
                                         sum(job.completion_tokens > 0 for job in self.jobs.values()))
 
@@ -469,28 +487,17 @@ class ContinuousEngine:
                 if job.cancelled and job.finish_reason is None:
                     job.finish("cancelled")
                 if job.finish_reason is not None:
-                    self.manager.cancel_request(request_id)
-                    self.retire(request_id)
+                    self.drop(request_id)
         if not self.closing and not self.manager.is_running():
             error = self.manager.background_thread_status.fatal_error
             self.end_all(f"generation failed: {error or 'the generation loop stopped'}")
         if not self.closing:
             self.loop.call_later(0.05, self.sweep)
 
-    def deliver(self, output) -> None:
-        job = self.jobs.get(output.request_id)
-        if job is None:  # ended already: tokens the manager made before it saw the cancellation
-            return
-        if output.error is not None:
-            job.fail(f"generation failed: {output.error}")
-        for token in output.generated_tokens[job.completion_tokens:]:
-            if job.finish_reason is not None:
-                break
-            job.take(token, self.eos_token_ids)
-        if output.is_finished():
-            if job.finish_reason is None:
-                job.finish("length")
-            self.retire(output.request_id)
+    def drop(self, request_id: str) -> None:
+        """Cancel the request of a job that has ended."""
+        self.manager.cancel_request(request_id)
+        self.retire(request_id)
 
     def retire(self, request_id: str) -> None:
         job = self.jobs.pop(request_id)
