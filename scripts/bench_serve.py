@@ -2,14 +2,13 @@
 
 Starts scripts/serve.py on free local ports, once per engine (`--engine continuous` and `--engine static`), or measures
 a running server given by --url. Warms each up, then at each concurrency level sends the same --requests requests
-(greedy, streamed, each with its own token limit averaging --max-tokens, or all --max-tokens with --lengths equal)
-from that many clients, each sending its next request as soon
-as its last one ends, to each engine in turn (so that both see the machine in the same state). One client is the
-sequential rate: every request generated alone. By default the pretrained demo model continues the first words of the
-demo validation documents (`/v1/completions`), so that replies run to their length and tokens/s measures generation;
-`--endpoint chat --model out/sft/final` sends the first user turns of the demo validation conversations instead (the
-demo chat model's replies are a few tokens long). Prints a table and writes it to --output (.json, and .md beside
-it). Run it alone on the machine.
+(greedy, streamed, each with its own token limit averaging --max-tokens, or all --max-tokens with --lengths equal) from
+that many clients, each sending its next request as soon as its last one ends, to each engine in turn (so that both see
+the machine in the same state). One client is the sequential rate: every request generated alone. By default the
+pretrained demo model continues the first words of the demo validation documents (`/v1/completions`), so that replies
+run to their length and tokens/s measures generation; `--endpoint chat --model out/sft/final` sends the first user turns
+of the demo validation conversations instead (the demo chat model's replies are a few tokens long). Prints a table and
+writes it to --output (.json, and .md beside it). Run it alone on the machine.
 """
 
 import argparse
@@ -102,13 +101,19 @@ def one_request(client: openai.OpenAI, endpoint: str, prompt: str, max_tokens: i
     return {"ttft": latency if first_text is None else first_text, "latency": latency, "tokens": tokens}
 
 
+def varied_range(max_tokens: int) -> tuple[int, int]:
+    """Varied limits run from an eighth of `max_tokens` to twice it less an eighth, which averages `max_tokens`."""
+    eighth = max(1, max_tokens // 8)
+    return eighth, 2 * max_tokens - eighth
+
+
 def token_limits(count: int, max_tokens: int, lengths: str) -> list[int]:
-    """Each request's max_tokens: all `max_tokens`, or varied as replies are, drawn evenly (seeded) between an eighth
-    of it and twice it less an eighth, which averages `max_tokens`."""
+    """Each request's max_tokens: all `max_tokens`, or varied as replies are, drawn evenly (seeded) over
+    `varied_range`."""
     if lengths == "equal":
         return [max_tokens] * count
     draw = random.Random(0)
-    return [draw.randint(max(1, max_tokens // 8), 2 * max_tokens - max(1, max_tokens // 8)) for _ in range(count)]
+    return [draw.randint(*varied_range(max_tokens)) for _ in range(count)]
 
 
 def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients: int, limits: list[int]) -> dict:
@@ -133,11 +138,11 @@ def run_level(client: openai.OpenAI, endpoint: str, prompts: list[str], clients:
 
 def table(rows: list[dict], model_name: str, endpoint: str, max_tokens: int, lengths: str) -> str:
     """One row per engine and level: tokens/s against the engine's own one-client rate and against the static
-    engine's at the same level; then the two goals' ratios."""
+    engine's at the same level; then each engine's median wait for the first token at 4 clients against 1."""
     by_key = {(row["engine"], row["clients"]): row for row in rows}
     kind = "chat" if endpoint == "chat" else "text completion"
-    limit = f"up to {max_tokens}" if lengths == "equal" else f"a limit between {max(1, max_tokens // 8)} and " \
-        f"{2 * max_tokens - max(1, max_tokens // 8)} (mean {max_tokens})"
+    low, high = varied_range(max_tokens)
+    limit = f"up to {max_tokens}" if lengths == "equal" else f"a limit between {low} and {high} (mean {max_tokens})"
     lines = [f"Serving `{model_name}`: greedy {kind} requests, {limit} new tokens each, streamed.", "",
              "| engine | clients | requests (failed) | tokens/s | vs 1 client | vs static | requests/s "
              "| time to first token, median / p90 | request time, median |",

@@ -14,11 +14,11 @@ eager and with the compiled static-cache step, and with a draft (`--draft`, and 
 speculative decoding: greedy tokens/s at batch 1 and 8, weights read per token against the streaming-read bandwidth
 measured in the same run, the draft's acceptance rate, perplexity and top-1 agreement on the demo validation text,
 all against transformers' fp32 Llama at the same weights; where llama-cpp-python is installed, llama.cpp on the same
-weights too (exported by scripts/export_gguf.py as f32 and q8_0, batch 1, as many threads as ours). Last, a GRPO step of `model_rlhf_train.py` against TRL's
-GRPOTrainer on the same model, prompts and loss (`--grpo-steps`). Writes `model_info/benchmark.md`
-and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with generation at batch 1 only, for a check
-(`scripts/bench_model.py` runs it on the dense model). Run it alone: on a 2-core machine a second busy process
-distorts every number.
+weights too (exported by scripts/export_gguf.py as f32 and q8_0, batch 1, as many threads as ours). Last, a GRPO
+step of `model_rlhf_train.py` against TRL's GRPOTrainer on the same model, prompts and loss (`--grpo-steps`).
+Writes `model_info/benchmark.md` and `model_info/benchmark.json`. `--quick` keeps the eager fp32 rows with
+generation at batch 1 only, for a check (`scripts/bench_model.py` runs it on the dense model). Run it alone: on a
+2-core machine a second busy process distorts every number.
 """
 
 import sys
@@ -53,10 +53,10 @@ from utils.config import check_attn_implementation  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
 from utils.errors import exit_on_input_error  # noqa: E402
+from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
-from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.quantize import quantize, weight_bytes  # noqa: E402
 from utils.sampling import sampling_processors  # noqa: E402
 
@@ -284,10 +284,10 @@ def run(args) -> dict:
                         row.update(tokens_equal_reference=bool(torch.equal(outputs[name], outputs[reference_name])),
                                    tokens_equal_eager=bool(torch.equal(outputs[name], outputs["ByteModel"])))
                     result["rows"].append(row)
+                    equal = "" if sample else (f"  same tokens as {reference_name}: {row['tokens_equal_reference']}, "
+                                               f"as eager: {row['tokens_equal_eager']}")
                     print(f"  {task} {precision:5} {name:26} {rate:8.1f} tok/s "
-                          f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}"
-                          + ("" if sample else f"  same tokens as {reference_name}: "
-                                               f"{row['tokens_equal_reference']}, as eager: {row['tokens_equal_eager']}"))
+                          f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}{equal}")
         del byte, reference
     run_inference(args, result)
     grpo_rows(args, result)
@@ -632,9 +632,9 @@ def markdown(result: dict) -> str:
                   f"{result['stream_read_gb_per_s']:.1f} GB/s from memory in the same run. Accepted: the share of "
                   "draft tokens the model kept. Perplexity and top-1 agreement (with the fp32 model's next-token "
                   f"predictions) on {result['settings']['quality_windows']} windows of 256 tokens of "
-                  f"{', '.join(result['settings']['val_files'])}; a speculative row shows its target's. llama.cpp rows: "
-                  "the same weights exported by scripts/export_gguf.py, decoded by llama.cpp's greedy sampler with "
-                  "as many threads; their weights are the GGUF file's size.", "",
+                  f"{', '.join(result['settings']['val_files'])}; a speculative row shows its target's. "
+                  "llama.cpp rows: the same weights exported by scripts/export_gguf.py, decoded by llama.cpp's "
+                  "greedy sampler with as many threads; their weights are the GGUF file's size.", "",
                   "| model | variant | batch | tokens/s | ms/token | ratio | accepted | weights | read per token | "
                   "GB/s | same tokens as fp32 | perplexity | top-1 agreement |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -443,9 +443,9 @@ BENCHMARK_TEST = "test/test_benchmark.py::test_each_option_reaches_what_the_benc
 BENCHMARK = {
     **{option: f"{BENCHMARK_TEST}[{option}]" for option in (
         "--models", "--batch-size", "--seq-len", "--train-steps", "--rounds", "--prompt-len", "--new-tokens",
-        "--generate-batches", "--sample-batch", "--generate-rounds", "--no-compile", "--inference-models", "--quantize", "--draft",
-        "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out", "--quick",
-        "--attn-implementation")},
+        "--generate-batches", "--sample-batch", "--generate-rounds", "--no-compile", "--inference-models",
+        "--quantize", "--draft", "--inference-new-tokens", "--quality-windows", "--val-files", "--tokenizer", "--out",
+        "--quick", "--attn-implementation")},
     **{option: "test/test_benchmark.py::test_grpo_rows_time_both_trainers_on_the_same_work"
        for option in ("--grpo-steps", "--grpo-prompts", "--grpo-generations", "--grpo-tokens")},
 }
