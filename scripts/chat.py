@@ -1,92 +1,24 @@
 """Talk to a model in the terminal: `python scripts/chat.py --model out/sft/final [--prompt TEXT]`.
 
-Multi-turn chat with the tokenizer's own chat template and streamed output; generation stops at the end-of-
-sequence token. `--prompt` answers once and exits (no prompt shown), for scripts and tests. `--quantize int8|int4`
-runs the model with quantized weights (`utils/quantize.py`); `--draft` adds speculative decoding through
+Multi-turn chat with the tokenizer's own chat template and streamed output; generation stops at the end-of-sequence
+token. `--prompt` answers once and exits (no prompt shown), for scripts and tests. `--precision auto` (the default)
+decodes in bf16 where a short timing at start-up measures it faster than fp32 (`utils/inference.py`); `--quantize
+int8|int4` runs the model with quantized weights (`utils/quantize.py`); `--draft` adds speculative decoding through
 transformers' assisted generation, with a smaller model folder sharing the tokenizer or `int8`/`int4` for a
 quantized copy of the model itself (greedy replies stay exactly the model's own, except for an int8 model, whose
 activations are quantized per call: verifying drafted tokens together can shift them).
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TextStreamer
+from transformers import GenerationConfig, TextStreamer
 
 import model  # noqa: F401  (registers the StellarByte model with the Auto classes)
-from utils.checkpoint import load_model_folder
-from utils.config import check_attn_implementation, read_yaml
-from utils.errors import InputError, error_summary, exit_on_input_error
+from utils.errors import InputError, exit_on_input_error
+from utils.inference import add_inference_arguments, load, load_draft
 from utils.logger import quiet_transformers
-from utils.quantize import QUANTIZE_CHOICES, quantize
-
-
-def tokenizer_folder(path: Path) -> Path:
-    """Where a model folder's tokenizer is: in the folder; for a checkpoint (`checkpoints/step_<N>/`, `best/`), the
-    one its run trained with (`data.tokenizer` in the step's or the run's `config.yaml`); for a LoRA adapter saved
-    alone (`final/adapter/`), in the run's `final/` around it, else in the base model folder the adapter names."""
-    if (path / "tokenizer_config.json").is_file():
-        return path
-    run_configs = [path / "config.yaml"] + ([path.parent.parent / "config.yaml"]
-                                           if path.parent.name == "checkpoints" else [])
-    for run_config in filter(Path.is_file, run_configs):
-        tokenizer = (read_yaml(run_config).get("data") or {}).get("tokenizer")
-        if tokenizer:
-            return Path(tokenizer)
-    if (path / "adapter_config.json").is_file():
-        if (path.parent / "tokenizer_config.json").is_file():
-            return path.parent
-        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        return Path(base) if base else path
-    return path
-
-
-def load_tokenizer(path: Path):
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer_folder(path))
-    except Exception as error:  # any failure to read the folder means the same to the user
-        raise InputError(f"cannot load the tokenizer from {path}: {error_summary(error)}") from None
-
-
-def quantized(language_model, mode: str, path: Path):
-    try:
-        return quantize(language_model, mode)
-    except ValueError as error:
-        raise InputError(f"{path}: {error}") from None
-
-
-def load(folder: str, quantize_mode: str = "none", attn_implementation: str = "sdpa"):
-    """A model folder for inference, its weights quantized as `quantize_mode` says, its attention function as
-    `attn_implementation` says, and its tokenizer."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise InputError(f"model folder not found: {path}")
-    check_attn_implementation(attn_implementation, "--attn-implementation")
-    language_model = quantized(load_model_folder(path, AutoModelForCausalLM, attn_implementation), quantize_mode,
-                               path)
-    tokenizer = load_tokenizer(path)
-    if not tokenizer.chat_template:
-        raise InputError(f"{path}: the tokenizer has no chat template")
-    return language_model, tokenizer
-
-
-def load_draft(draft: str | None, folder: str, tokenizer):
-    """The assistant model for speculative decoding, or None: `int8`/`int4` is a quantized copy of the model in
-    `folder`, anything else a model folder whose tokenizer has the same vocabulary as `tokenizer`."""
-    if draft is None:
-        return None
-    if draft in QUANTIZE_CHOICES[1:]:
-        return quantized(load_model_folder(Path(folder), AutoModelForCausalLM), draft, Path(folder))
-    path = Path(draft)
-    if not path.is_dir():
-        raise InputError(f"--draft: model folder not found: {path}")
-    assistant = load_model_folder(path, AutoModelForCausalLM)
-    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-        raise InputError(f"--draft {path}: its tokenizer differs from the model's; a draft must share it")
-    return assistant
 
 
 def generation_config(args: argparse.Namespace, tokenizer) -> GenerationConfig:
@@ -107,21 +39,6 @@ def reply(language_model, tokenizer, messages: list[dict], config: GenerationCon
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     output = language_model.generate(**inputs, generation_config=config, streamer=streamer, assistant_model=draft)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def add_inference_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
-    """--quantize, --attn-implementation and (unless `draft` is False) --draft, as the scripts that generate with a
-    model take them."""
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="int8: per-channel int8 weights on fbgemm (faster on a CPU); int4: grouped 4-bit weights "
-                             "(smallest, slower); see utils/quantize.py")
-    parser.add_argument("--attn-implementation", default="sdpa",
-                        help="the attention function: sdpa, eager, or one registered with transformers' "
-                             "AttentionInterface (the same choice as model.attn_implementation in training)")
-    if draft:
-        parser.add_argument("--draft", help="speculative decoding: a smaller model folder sharing the tokenizer (e.g. "
-                                            "out/pretrain_draft/final), or int8 / int4 for a quantized copy of "
-                                            "--model")
 
 
 def parse_args() -> argparse.Namespace:
@@ -151,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     quiet_transformers()
-    language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation)
+    language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation, args.precision)
     draft = load_draft(args.draft, args.model, tokenizer)
     config = generation_config(args, tokenizer)
     if args.seed is not None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from chat import add_inference_arguments, load
 from utils.errors import InputError, exit_on_input_error
+from utils.inference import add_inference_arguments, load
 from utils.logger import quiet_transformers
 from utils.server import create_app
 from utils.serving import ContinuousEngine, StaticEngine
@@ -72,7 +72,8 @@ def main() -> None:
     except OSError as error:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     with listener:
-        language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation)
+        language_model, tokenizer = load(args.model, args.quantize, args.attn_implementation, args.precision,
+                                         args.max_batch_size)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         engine = serving_engine(args.engine, language_model, tokenizer, args.max_batch_size,
@@ -80,7 +81,8 @@ def main() -> None:
         model_id = args.model_name or args.model
         app = create_app(engine, model_id, CHAT_PAGE, args.api_key)
         host, port = listener.getsockname()[:2]
-        print(f"serving {model_id} at http://{host}:{port}/ (OpenAI API at /v1"
+        precision = str(language_model.dtype).removeprefix("torch.")
+        print(f"serving {model_id} ({precision}) at http://{host}:{port}/ (OpenAI API at /v1"
               f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[listener])
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import save_tiny_start, tiny_config
 from model import ByteModel
+from utils import inference
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -131,6 +132,7 @@ OPTIONS = {
     "--compile": (None, lambda seen: seen["config"].cache_implementation == "static"),
     "--quantize": ("int8", lambda seen: getattr(seen["model"].config, "quantization", None) == "int8"),
     "--attn-implementation": ("eager", lambda seen: seen["model"].config._attn_implementation == "eager"),
+    "--precision": ("bf16", lambda seen: seen["model"].dtype == torch.bfloat16),
     "--draft": ("int4", lambda seen: getattr(getattr(seen["draft"], "config", None), "quantization", None) == "int4"),
 }
 
@@ -138,6 +140,7 @@ OPTIONS = {
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_each_option_reaches_the_reply(option, model_folder, tmp_path, monkeypatch):
     value, holds = OPTIONS[option]
+    monkeypatch.setattr(inference, "bf16_speedup", lambda *args: 1.0)  # the default, auto, picks fp32
     if option == "--model":
         other = AutoModelForCausalLM.from_pretrained(model_folder)
         with torch.no_grad():

@@ -524,11 +524,12 @@ KEYS: dict[str, dict[str, str | Changed | tuple]] = {
     },
     "scripts/chat.py": each("test/test_chat.py::test_each_option_reaches_the_reply", (
         "--model", "--prompt", "--system", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
-        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft", "--attn-implementation")),
+        "--max-new-tokens", "--seed", "--compile", "--quantize", "--draft", "--attn-implementation",
+        "--precision")),
     "scripts/serve.py": {
         **each("test/test_server.py::test_each_option_reaches_the_server", (
             "--model", "--host", "--port", "--api-key", "--model-name", "--max-batch-size", "--batch-window-ms",
-            "--threads", "--quantize", "--attn-implementation")),
+            "--threads", "--quantize", "--attn-implementation", "--precision")),
         "--engine": ("test/test_server.py::test_each_option_reaches_the_server[--engine]",
                      "test/test_serving.py::test_a_request_joining_a_running_batch_answers_as_alone"),
         # What the engine does with them.

@@ -23,6 +23,7 @@ import torch
 from helpers import randomize_
 from model import ByteModel
 from test_serving import CONTEXT, chat_ids, one_thread, random_model  # noqa: F401 (one_thread: a fixture)
+from utils import inference
 from utils import server as http_side
 from utils.serving import Sampling, partial_stop_length
 
@@ -168,12 +169,14 @@ OPTIONS = {
     "--quantize": ("int8", lambda seen, default: getattr(seen["engine"].model.config, "quantization", None) == "int8"),
     "--attn-implementation": ("eager", lambda seen, default: seen["engine"].model.config._attn_implementation
                               == "eager"),
+    "--precision": ("bf16", lambda seen, default: seen["engine"].model.dtype == torch.bfloat16),
 }
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_each_option_reaches_the_server(option, model_folders, monkeypatch):
     value, holds = OPTIONS[option]
+    monkeypatch.setattr(inference, "bf16_speedup", lambda *args: 1.0)  # the default, auto, picks fp32
     value = value.format(other=model_folders["other"], port=free_port())
     # The static engine (the --engine case overrides it): nothing else here needs the continuous one, which takes a
     # second to start and stop.
@@ -214,7 +217,8 @@ def server(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(folder)
     port = free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--model", str(folder),
-                                "--port", str(port), "--api-key", API_KEY, "--model-name", "tiny", "--threads", "1"],
+                                "--port", str(port), "--api-key", API_KEY, "--model-name", "tiny", "--threads", "1",
+                                "--precision", "fp32"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"

@@ -288,3 +288,15 @@ def test_row_wise_top_k_and_top_p_keep_the_tokens_transformers_keeps():
         assert torch.isinf(expected).any() and torch.isfinite(expected).any(dim=-1).all()
     # Rows that set no limit are left alone without any work.
     assert torch.equal(fast(scores, torch.ones(6).view(torch.int32)), scores)
+
+
+@pytest.mark.parametrize("kind", sorted(ENGINES))
+def test_a_bf16_model_answers_as_its_own_generate(kind, language_model, tokenizer):
+    """bf16 weights, which `--precision auto` picks where they decode faster: the cache and the sampling follow
+    the model's dtype."""
+    bf16 = random_model(tokenizer).to(torch.bfloat16)
+    prompt = chat_ids(tokenizer, "你好，请介绍一下你自己。")
+    events = []
+    with Running(ENGINES[kind](bf16, tokenizer)) as running:
+        running.generated([job(prompt, 16, events)])
+    assert text(events) == reference(bf16, tokenizer, prompt, 16) != reference(language_model, tokenizer, prompt, 16)
