@@ -1,12 +1,13 @@
 """ByteModel against transformers at the same config and weights, in one run: `python scripts/benchmark.py`.
 
 Dense: ByteModel (eager and `torch.compile`d) against `LlamaForCausalLM`; MoE: ByteModel against
-`MixtralForCausalLM`. For each precision (fp32, and bf16 autocast where the hardware runs it natively) it reports
-training tokens/s (forward, backward, fused AdamW step) with the model FLOPs utilisation against the matrix-multiply
+`MixtralForCausalLM`. For each precision (fp32, and bf16 where the hardware runs it natively: autocast over fp32
+weights in training, weights cast to bf16 in generation, as `utils/inference.py` loads them) it reports training
+tokens/s (forward, backward, fused AdamW step) with the model FLOPs utilisation against the matrix-multiply
 peak measured here in the same run, greedy generation tokens/s at batch 1 and batch 8 (`--new-tokens`, 512 by
 default; ByteModel also with its static cache and compiled decode step, whose tokens must equal the eager ones),
 a sampled generation at batch 16 (temperature 1 over the whole vocabulary: a GRPO rollout's shape, `--sample-batch`;
-ByteModel draws as the project's generation paths do, `utils/sampling.py`),
+ByteModel draws as the project's generation paths do, `utils/sampling.py`), what `--precision auto` picks for each,
 peak memory of each measurement, and every ratio against transformers. Pairs are measured in alternating rounds
 and the median round counts, so drift of a shared machine hits both sides alike. Then the inference rows: the
 benchmark model and the demo's trained models (`--inference-models`) in fp32, int8 and int4 (`utils/quantize.py`),
@@ -53,6 +54,7 @@ from utils.config import check_attn_implementation  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
 from utils.errors import exit_on_input_error  # noqa: E402
+from utils.inference import DTYPES, auto_dtype  # noqa: E402
 from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
@@ -175,11 +177,12 @@ def trainer_for(model: torch.nn.Module, batch: torch.Tensor, precision: str, ste
     return measure
 
 
-def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, precision: str, outputs: dict,
-                  name: str, static: bool = False, draft: torch.nn.Module | None = None, sample: bool = False):
+def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, outputs: dict, name: str,
+                  static: bool = False, draft: torch.nn.Module | None = None, sample: bool = False):
     """A measure: one `generate` of exactly `new_tokens` tokens, greedy or (`sample`) sampled at temperature 1 from the
-    whole distribution, with `draft` as the assistant model of speculative decoding if given. ByteModel samples as
-    the project's generation paths do (`utils.sampling`), transformers' models with `generate`'s own sampling."""
+    whole distribution, with `draft` as the assistant model of speculative decoding if given, in the precision of
+    `model`'s weights. ByteModel samples as the project's generation paths do (`utils.sampling`), transformers'
+    models with `generate`'s own sampling."""
     ours = sample and isinstance(model, ByteModel)
     config = GenerationConfig(do_sample=sample and not ours, temperature=1.0, top_k=0, top_p=1.0,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
@@ -189,11 +192,21 @@ def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
     def measure() -> float:
         model.eval()
         start = time.perf_counter()
-        with torch.no_grad(), autocast_for(precision):
+        with torch.no_grad():
             outputs[name] = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
                                            assistant_model=draft, logits_processor=processors)
         return time.perf_counter() - start
     return measure
+
+
+def auto_rows(kind: str, byte: ByteModel, batch_size: int, task: str, result: dict) -> None:
+    """What `precision: auto` picks for generating with `byte` at `batch_size` (utils/inference.py: its start-up
+    timing, on this machine), to set beside the measured fp32 and bf16 rows."""
+    dtype, speedup = auto_dtype(byte, batch_size)
+    pick = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    result["auto_precision"].append({"model": kind, "task": task, "bf16_speedup": speedup, "picks": pick})
+    timed = "" if speedup is None else f" (its timing: bf16 x{speedup:.2f})"
+    print(f"  {task} precision auto picks {pick}{timed}")
 
 
 def reference_for(byte: ByteModel) -> torch.nn.Module:
@@ -223,7 +236,7 @@ def run(args) -> dict:
     peaks = {precision: measure_peak_flops(device, torch.float32 if precision == "fp32" else torch.bfloat16)
              for precision in precisions}
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "peak_matmul_flops": peaks,
-              "settings": vars(args), "rows": []}
+              "settings": vars(args), "rows": [], "auto_precision": []}
     print(result["machine"])
     print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     generator = torch.Generator().manual_seed(1)
@@ -259,18 +272,22 @@ def run(args) -> dict:
         for batch_size, sample in decodes:
             prompt = torch.randint(0, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
             task = f"{'sample' if sample else 'generate'} b{batch_size}"
+            if len(precisions) > 1:
+                auto_rows(kind, byte, batch_size, task, result)
             for precision in precisions:
                 outputs = {}
-                measures = {"ByteModel": generator_for(byte, prompt, args.new_tokens, precision, outputs, "ByteModel",
+                # Weights cast once, as scripts/chat.py and scripts/serve.py load them (utils/inference.py).
+                ours, theirs = ((byte, reference) if precision == "fp32" else
+                                (copy.deepcopy(model).to(DTYPES[precision]) for model in (byte, reference)))
+                measures = {"ByteModel": generator_for(ours, prompt, args.new_tokens, outputs, "ByteModel",
                                                        sample=sample),
-                            reference_name: generator_for(reference, prompt, args.new_tokens, precision, outputs,
-                                                          reference_name, sample=sample)}
-                # The compiled decode step runs where ByteModel uses it: dense models, and not under bf16 autocast
-                # on a CPU (measured slower there); MoE generation stays eager (data-dependent dispatch).
-                if args.compile and kind == "dense" and not sample \
-                        and (precision == "fp32" or torch.cuda.is_available()):
+                            reference_name: generator_for(theirs, prompt, args.new_tokens, outputs, reference_name,
+                                                          sample=sample)}
+                # The compiled decode step runs where ByteModel uses it: dense models (MoE generation stays eager:
+                # data-dependent dispatch).
+                if args.compile and kind == "dense" and not sample:
                     measures["ByteModel static+compiled"] = generator_for(
-                        byte, prompt, args.new_tokens, precision, outputs, "ByteModel static+compiled", static=True)
+                        ours, prompt, args.new_tokens, outputs, "ByteModel static+compiled", static=True)
                 timed = alternate(measures, args.generate_rounds)
                 tokens = batch_size * args.new_tokens
                 their = timed[reference_name].rate(tokens)
@@ -450,7 +467,7 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
         runs = {**variants, **(speculative if batch_size == 1 else {})}
         measures = {}
         for variant, (model_name, static, assistant) in runs.items():
-            measure = generator_for(models[model_name], prompt, args.inference_new_tokens, "fp32", outputs, variant,
+            measure = generator_for(models[model_name], prompt, args.inference_new_tokens, outputs, variant,
                                     static=static, draft=assistant)
             measures[variant] = counted(variant, measure, models[model_name], assistant) if assistant else measure
         if batch_size == 1:
@@ -622,7 +639,14 @@ def markdown(result: dict) -> str:
               "(utils/sampling.py, one uniform number per row), transformers with generate's torch.multinomial. "
               "GRPO step: "
               "prompts x completions per prompt + completion tokens, one optimizer step on a fresh rollout; tokens/s "
-              "counts completion tokens, the ratio is against TRL's GRPOTrainer in the same run.", ""]
+              "counts completion tokens, the ratio is against TRL's GRPOTrainer in the same run. Precision: bf16 "
+              "training is autocast over fp32 weights; bf16 generation runs weights cast to bf16, as "
+              "utils/inference.py loads them for chat.py and serve.py.", ""]
+    if result.get("auto_precision"):
+        lines += ["`--precision auto` (utils/inference.py's start-up timing, bf16 only at 1.1x or faster) picks: "
+                  + "; ".join(f"{row['model']} {row['task']}: {row['picks']}"
+                              + ("" if row["bf16_speedup"] is None else f" (bf16 x{row['bf16_speedup']:.2f})")
+                              for row in result["auto_precision"]) + ".", ""]
     if result.get("inference"):
         lines += ["## Inference: quantized weights and speculative decoding", "",
                   f"Greedy generation of {result['settings']['inference_new_tokens']} tokens after "

@@ -180,7 +180,7 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
     steps, each generation's new tokens, each quality measurement's files and windows, the tokenizers it loaded, the
     attention implementations of the models it compared)."""
     seen = {"folders": folders, "rounds": {"train": set(), "generate": set()}, "train_steps": [], "new_tokens": [],
-            "texts": [], "windows": [], "tokenizers": [], "attention": set()}
+            "texts": [], "windows": [], "tokenizers": [], "attention": set(), "generated": [], "auto_batches": []}
     trainer_for = benchmark.trainer_for
 
     def timed_training(model, batch, precision, steps, compiled=False):
@@ -215,7 +215,11 @@ def benchmarked(monkeypatch, folders: dict, arguments: list[str]) -> dict:
         patch.setattr(benchmark, "stream_read_bandwidth", lambda: 1e10)
         patch.setattr(benchmark, "gguf_files", lambda *args: {})  # the llama.cpp rows: tested on `rows` above
         patch.setattr(benchmark, "trainer_for", timed_training)
-        patch.setattr(benchmark, "generator_for", recorded(benchmark.generator_for, new_tokens=2))
+        patch.setattr(benchmark, "generator_for", recorded(benchmark.generator_for, new_tokens=2, generated=0))
+        # bf16 rows wherever the test runs, and auto's pick without its timing
+        patch.setattr(benchmark.torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        patch.setattr(benchmark, "auto_dtype", lambda model, batch_size: seen["auto_batches"].append(batch_size)
+                      or (torch.bfloat16, 1.25))
         patch.setattr(benchmark, "reference_for", referenced)
         patch.setattr(benchmark, "validation_windows", recorded(benchmark.validation_windows, texts=1, windows=2))
         patch.setattr(benchmark.AutoTokenizer, "from_pretrained",
@@ -244,6 +248,21 @@ def shapes(seen: dict, task: str) -> set[str]:
 
 def models(seen: dict, key: str = "rows") -> set[str]:
     return {row["model"] for row in seen["result"][key]}
+
+
+def test_generation_rows_decode_with_the_weights_their_precision_names(default_benchmark):
+    """Generation in bf16 runs weights cast to bf16 (as utils/inference.py loads them; training rows use autocast),
+    fp32 the fp32 ones, and each generation shape reports what `--precision auto` picks for it."""
+    result = default_benchmark["result"]
+    generated = [model.dtype for model in default_benchmark["generated"]]
+    rows = [row for row in result["rows"] if row["task"] != "train"]
+    assert {row["precision"] for row in rows} == {"fp32", "bf16"}
+    # the measures are made in the order of the rows
+    assert generated[:len(rows)] == [benchmark.DTYPES[row["precision"]] for row in rows]
+    assert [(row["task"], row["picks"], row["bf16_speedup"]) for row in result["auto_precision"]] == [
+        ("generate b1", "bf16", 1.25), ("sample b16", "bf16", 1.25)]
+    assert default_benchmark["auto_batches"] == [1, 16]
+    assert "dense generate b1: bf16 (bf16 x1.25)" in default_benchmark["written"].read_text()
 
 
 # An option -> its value (with any other options it needs), and what is true of the benchmark run with it (and not of

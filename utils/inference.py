@@ -61,17 +61,22 @@ def bf16_speedup(language_model: nn.Module, batch_size: int, rounds: int = 3) ->
     return best[torch.float32] / best[torch.bfloat16]
 
 
-def decode_dtype(language_model: nn.Module, precision: str, batch_size: int = 1) -> torch.dtype:
-    """The weights' dtype `precision` stands for: `auto` is bf16 where the hardware runs it natively and, on a CPU,
-    where it measures at least AUTO_MARGIN times faster than fp32 (`bf16_speedup`); fp32 otherwise."""
-    if precision != "auto":
-        return DTYPES[precision]
+def auto_dtype(language_model: nn.Module, batch_size: int = 1) -> tuple[torch.dtype, float | None]:
+    """What `precision: auto` picks for decoding `batch_size` rows, and the bf16 speedup it measured (None where it
+    timed nothing): bf16 where the hardware runs it natively and, on a CPU, where it measures at least AUTO_MARGIN
+    times faster than fp32 (`bf16_speedup`); fp32 otherwise."""
     device = language_model.device
     if not native_bf16(device):
-        return torch.float32
+        return torch.float32, None
     if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_speedup(language_model, batch_size) >= AUTO_MARGIN else torch.float32
+        return torch.bfloat16, None
+    speedup = bf16_speedup(language_model, batch_size)
+    return (torch.bfloat16 if speedup >= AUTO_MARGIN else torch.float32), speedup
+
+
+def decode_dtype(language_model: nn.Module, precision: str, batch_size: int = 1) -> torch.dtype:
+    """The weights' dtype `precision` (auto, fp32 or bf16) stands for."""
+    return auto_dtype(language_model, batch_size)[0] if precision == "auto" else DTYPES[precision]
 
 
 def quantized(language_model: nn.Module, mode: str, path: Path) -> nn.Module:
