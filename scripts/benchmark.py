@@ -199,6 +199,10 @@ def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
     return measure
 
 
+def decode_task(batch_size: int, sample: bool) -> str:
+    return f"{'sample' if sample else 'generate'} b{batch_size}"
+
+
 def auto_rows(kind: str, byte: ByteModel, batch_size: int, task: str, result: dict) -> None:
     """What `precision: auto` picks for generating with `byte` at `batch_size` (utils/inference.py: its start-up
     timing, on this machine), to set beside the measured fp32 and bf16 rows."""
@@ -244,10 +248,23 @@ def run(args) -> dict:
         torch._dynamo.reset()
         byte, reference, config = build(kind, args.attn_implementation)
         reference_name = "Llama" if kind == "dense" else "Mixtral"
+        # Generation's weights, cast once as scripts/chat.py and scripts/serve.py load them (utils/inference.py).
+        # Copied (here and by the timing of `auto`) before anything runs: transformers keeps a compiled decode step
+        # on the model, which a later copy would share, and a trained MoE model holds its last balancing loss,
+        # which a copy cannot take.
+        weights = {precision: (byte, reference) if precision == "fp32" else
+                   tuple(copy.deepcopy(model).to(DTYPES[precision]) for model in (byte, reference))
+                   for precision in precisions}
+        # (batch, sampled): greedy at each --generate-batches, and the shape of a GRPO rollout, sampled.
+        decodes = [(batch_size, False) for batch_size in args.generate_batches] + (
+            [(args.sample_batch, True)] if args.sample_batch else [])
         parameters = sum(p.numel() for p in byte.parameters())
         print(f"\n{kind}: {parameters / 1e6:.1f}M parameters, hidden {config.hidden_size}, {config.num_hidden_layers} "
               f"layers" + (f", {config.num_experts} experts top-{config.num_experts_per_tok}" if config.num_experts
                            else ""))
+        if len(precisions) > 1:
+            for batch_size, sample in decodes:
+                auto_rows(kind, byte.eval(), batch_size, decode_task(batch_size, sample), result)
         batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
         flops = sum(flops_per_token(config, args.seq_len).values())
         for precision in precisions:
@@ -266,19 +283,12 @@ def run(args) -> dict:
                                        "ratio": rate / their})
                 print(f"  train {precision:5} {name:20} {rate:9.0f} tok/s  MFU {rate * flops / peaks[precision]:.2f}"
                       f"  +{measured.peak_mib:6.0f} MiB  x{rate / their:.2f}")
-        # (batch, sampled): greedy at each --generate-batches, and the shape of a GRPO rollout, sampled.
-        decodes = [(batch_size, False) for batch_size in args.generate_batches] + (
-            [(args.sample_batch, True)] if args.sample_batch else [])
         for batch_size, sample in decodes:
             prompt = torch.randint(0, config.vocab_size, (batch_size, args.prompt_len), generator=generator)
-            task = f"{'sample' if sample else 'generate'} b{batch_size}"
-            if len(precisions) > 1:
-                auto_rows(kind, byte, batch_size, task, result)
+            task = decode_task(batch_size, sample)
             for precision in precisions:
                 outputs = {}
-                # Weights cast once, as scripts/chat.py and scripts/serve.py load them (utils/inference.py).
-                ours, theirs = ((byte, reference) if precision == "fp32" else
-                                (copy.deepcopy(model).to(DTYPES[precision]) for model in (byte, reference)))
+                ours, theirs = weights[precision]
                 measures = {"ByteModel": generator_for(ours, prompt, args.new_tokens, outputs, "ByteModel",
                                                        sample=sample),
                             reference_name: generator_for(theirs, prompt, args.new_tokens, outputs, reference_name,
@@ -305,7 +315,7 @@ def run(args) -> dict:
                                                f"as eager: {row['tokens_equal_eager']}")
                     print(f"  {task} {precision:5} {name:26} {rate:8.1f} tok/s "
                           f"({1e3 * batch_size / rate:.1f} ms/step)  x{rate / their:.2f}{equal}")
-        del byte, reference
+        del byte, reference, weights
     run_inference(args, result)
     grpo_rows(args, result)
     return result
