@@ -184,8 +184,10 @@ def generator_for(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
     `model`'s weights. ByteModel samples as the project's generation paths do (`utils.sampling`), transformers'
     models with `generate`'s own sampling."""
     ours = sample and isinstance(model, ByteModel)
+    # No end-of-sequence token ([]: None would be filled in from the model's own config, where min_new_tokens
+    # would then suppress it): exactly `new_tokens` tokens, as llama.cpp's greedy decodes past it.
     config = GenerationConfig(do_sample=sample and not ours, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                              max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0,
                               cache_implementation="static" if static else None)
     processors = sampling_processors() if ours else None
 

@@ -40,8 +40,8 @@ def decode_seconds(language_model: nn.Module, batch_size: int, new_tokens: int =
     """Seconds for one greedy `generate` of `new_tokens` tokens after a random prompt, `batch_size` rows."""
     prompt = torch.randint(0, language_model.config.vocab_size, (batch_size, prompt_length),
                            generator=torch.Generator().manual_seed(0)).to(language_model.device)
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0,
+                              repetition_penalty=1.0)
     start = time.perf_counter()
     with torch.no_grad():
         language_model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
