@@ -54,12 +54,12 @@ from utils.config import check_attn_implementation  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
 from utils.errors import exit_on_input_error  # noqa: E402
-from utils.inference import DTYPES, auto_dtype  # noqa: E402
+from utils.inference import auto_dtype, for_generation  # noqa: E402
 from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
 from utils.precision import autocast  # noqa: E402
-from utils.quantize import quantize, weight_bytes  # noqa: E402
+from utils.quantize import weight_bytes  # noqa: E402
 from utils.sampling import sampling_processors  # noqa: E402
 
 DENSE = dict(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
@@ -255,7 +255,8 @@ def run(args) -> dict:
         # on the model, which a later copy would share, and a trained MoE model holds its last balancing loss,
         # which a copy cannot take.
         weights = {precision: (byte, reference) if precision == "fp32" else
-                   tuple(copy.deepcopy(model).to(DTYPES[precision]) for model in (byte, reference))
+                   tuple(for_generation(copy.deepcopy(model), Path(kind), precision=precision)
+                         for model in (byte, reference))
                    for precision in precisions}
         # (batch, sampled): greedy at each --generate-batches, and the shape of a GRPO rollout, sampled.
         decodes = [(batch_size, False) for batch_size in args.generate_batches] + (
@@ -436,7 +437,7 @@ def inference_rows(name: str, byte: ByteModel, tokenizer, draft: ByteModel | Non
     prompts = inputs[:, :args.prompt_len]
     models = {"Llama fp32": reference_for(byte), "ByteModel fp32": byte}
     for mode in args.quantize:
-        models[f"ByteModel {mode}"] = quantize(copy.deepcopy(byte), mode)
+        models[f"ByteModel {mode}"] = for_generation(copy.deepcopy(byte), Path(name), quantize_mode=mode)
     # variant: (model, static cache with the compiled decode step, draft)
     variants = {variant: (variant, False, None) for variant in models}
     for variant in ("ByteModel fp32", "ByteModel int8"):

@@ -14,6 +14,7 @@ import trl
 import utils.trainer
 from helpers import randomize_, tiny_config
 from model import ByteModel
+from utils.inference import DTYPES
 from utils.quantize import weight_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -258,7 +259,7 @@ def test_generation_rows_decode_with_the_weights_their_precision_names(default_b
     rows = [row for row in result["rows"] if row["task"] != "train"]
     assert {row["precision"] for row in rows} == {"fp32", "bf16"}
     # the measures are made in the order of the rows
-    assert generated[:len(rows)] == [benchmark.DTYPES[row["precision"]] for row in rows]
+    assert generated[:len(rows)] == [DTYPES[row["precision"]] for row in rows]
     assert [(row["task"], row["picks"], row["bf16_speedup"]) for row in result["auto_precision"]] == [
         ("generate b1", "bf16", 1.25), ("sample b16", "bf16", 1.25)]
     assert default_benchmark["auto_batches"] == [1, 16]
