@@ -4,8 +4,8 @@ quantization, attention function) behind scripts/chat.py, scripts/serve.py and s
 `precision: auto` decodes in bf16 only where it measures faster than fp32, on this machine, for this model and
 batch size: whether it does depends on all three (on a 2-core Xeon with AMX a 29M-parameter model decodes slower in
 bf16 at batch 1 and faster at batch 16; on an AVX-512 BF16 EPYC faster at both; with bf16 emulated, never), so no
-rule by CPU flags alone picks right. The weights are cast once rather than run under autocast, which re-casts
-them at every call (measured slower at both batch sizes).
+rule by CPU flags alone picks right. The weights are cast once rather than run under autocast, which casts at every
+op (measured slower at both batch sizes).
 """
 
 import argparse
