@@ -30,6 +30,7 @@ from model import ByteModel, ByteModelConfig, mixtral_state_dict
 from model.moe import reference_moe_forward
 from utils.distributed import all_gather_objects, init_distributed, rank_and_world_size, teardown, wrap_model
 from utils.expert_parallel import ExpertParallel
+from utils.precision import native_bf16
 
 
 def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, precision: str, repeats: int) -> float:
@@ -44,7 +45,7 @@ def layer_seconds(forward, layer: torch.nn.Module, x: torch.Tensor, precision: s
 
 def precisions() -> list[str]:
     """fp32, plus bf16 autocast where it is native (elsewhere it is emulated and tens of times slower)."""
-    return ["fp32"] + (["bf16"] if torch.cpu._is_avx512_bf16_supported() else [])
+    return ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
 
 
 def expert_parallel_rows(config: ByteModelConfig, batch_size: int, seq_len: int, steps: int, rounds: int) -> dict:

@@ -54,11 +54,11 @@ from utils.config import check_attn_implementation  # noqa: E402
 from utils.counting import flops_per_token, measure_peak_flops  # noqa: E402
 from utils.data import PretrainDataset  # noqa: E402
 from utils.errors import exit_on_input_error  # noqa: E402
-from utils.inference import auto_dtype, for_generation  # noqa: E402
+from utils.inference import PRECISION_NAMES, auto_dtype, for_generation  # noqa: E402
 from utils.llama_cpp_runner import greedy, open_gguf  # noqa: E402
 from utils.logger import quiet_transformers  # noqa: E402
 from utils.metrics import perplexity  # noqa: E402
-from utils.precision import autocast  # noqa: E402
+from utils.precision import autocast, native_bf16  # noqa: E402
 from utils.quantize import weight_bytes  # noqa: E402
 from utils.sampling import sampling_processors  # noqa: E402
 
@@ -78,7 +78,7 @@ def machine() -> str:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name:"):
                 name = line.split(":", 1)[1].strip()
-    bf16 = "native bf16" if torch.cpu._is_avx512_bf16_supported() else "no native bf16"
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
     return (f"{name}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} ({bf16}), "
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
@@ -209,7 +209,7 @@ def auto_rows(kind: str, byte: ByteModel, batch_size: int, task: str, result: di
     """What `precision: auto` picks for generating with `byte` at `batch_size` (utils/inference.py: its start-up
     timing, on this machine), to set beside the measured fp32 and bf16 rows."""
     dtype, speedup = auto_dtype(byte, batch_size)
-    pick = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    pick = PRECISION_NAMES[dtype]
     result["auto_precision"].append({"model": kind, "task": task, "bf16_speedup": speedup, "picks": pick})
     timed = "" if speedup is None else f" (its timing: bf16 x{speedup:.2f})"
     print(f"  {task} precision auto picks {pick}{timed}")
@@ -236,8 +236,8 @@ def build(kind: str, attn_implementation: str, seed: int = 0) -> tuple[ByteModel
 
 
 def run(args) -> dict:
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cuda.is_available()
-    precisions = ["fp32"] + (["bf16"] if native_bf16 and not args.quick else [])
+    bf16_rows = native_bf16(torch.device("cpu")) or torch.cuda.is_available()
+    precisions = ["fp32"] + (["bf16"] if bf16_rows and not args.quick else [])
     device = torch.device("cpu")
     peaks = {precision: measure_peak_flops(device, torch.float32 if precision == "fp32" else torch.bfloat16)
              for precision in precisions}
@@ -565,7 +565,7 @@ def grpo_rows(args, result: dict) -> None:
 
     if not args.grpo_steps:
         return
-    precision = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     section = read_yaml(Path("configs/model_pretrain.yaml"))["model"]
     pretrain = build_config(PreferenceConfig, {"model": section})

@@ -15,7 +15,7 @@ import torch
 import uvicorn
 
 from utils.errors import InputError, exit_on_input_error
-from utils.inference import DTYPES, add_inference_arguments, load
+from utils.inference import PRECISION_NAMES, add_inference_arguments, load
 from utils.logger import quiet_transformers
 from utils.server import create_app
 from utils.serving import ContinuousEngine, StaticEngine
@@ -81,7 +81,7 @@ def main() -> None:
         model_id = args.model_name or args.model
         app = create_app(engine, model_id, CHAT_PAGE, args.api_key)
         host, port = listener.getsockname()[:2]
-        precision = {dtype: name for name, dtype in DTYPES.items()}.get(language_model.dtype, language_model.dtype)
+        precision = PRECISION_NAMES.get(language_model.dtype, language_model.dtype)
         print(f"serving {model_id} ({precision}) at http://{host}:{port}/ (OpenAI API at /v1"
               f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[listener])

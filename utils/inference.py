@@ -21,19 +21,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from utils.checkpoint import load_model_folder
 from utils.config import check_attn_implementation, read_yaml
 from utils.errors import InputError, error_summary
+from utils.precision import native_bf16
 from utils.quantize import QUANTIZE_CHOICES, quantize
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # auto takes bf16 only this much faster: fp32's tokens are the trained model's own, and two close timings would
 # flip the choice from one start to the next.
 AUTO_MARGIN = 1.1
-
-
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
 
 
 def decode_seconds(language_model: nn.Module, batch_size: int, new_tokens: int = 8, prompt_length: int = 16) -> float:

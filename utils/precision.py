@@ -10,13 +10,19 @@ from utils.errors import InputError
 from utils.lora import is_peft_model
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 natively (CUDA with bf16, or a CPU with AVX-512 BF16): elsewhere bf16 is emulated
+    and far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """`auto` picks bf16 only where the hardware runs it natively (CUDA with bf16, or a CPU with AVX-512 BF16):
-    elsewhere bf16 is emulated and far slower than fp32. fp16 on a CPU is never worth it."""
+    """`auto` picks bf16 only where the hardware runs it natively (`native_bf16`). fp16 on a CPU is never worth
+    it."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise InputError("train.precision=fp16 is very slow on a CPU; use bf16 (native on AVX-512 BF16) or fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
